@@ -1,0 +1,137 @@
+//! The command line: `serve`, `migrate`, `config print|check`, `--version`.
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{ConfigSource, Settings},
+    startup::{open_store, Application},
+    telemetry,
+};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "subgate",
+    version,
+    about = "Customer-event and subscription gateway",
+    long_about = "subgate takes customer events from the ERP (AMQP), Akinon (HTTP), Loymax (AMQP) and \
+                  the service-order hub (HTTP), stores every one durably before acknowledging it, keeps \
+                  the customer state, and forwards real changes to marketing providers.\n\n\
+                  Configuration: embedded defaults, then --config FILE, then SUBGATE__SECTION__KEY \
+                  environment variables (see `subgate config print`)."
+)]
+pub struct Cli {
+    /// TOML file overriding the embedded defaults (only the keys it sets).
+    #[arg(
+        long,
+        short = 'c',
+        global = true,
+        value_name = "FILE",
+        env = "SUBGATE_CONFIG"
+    )]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gateway: HTTP API, AMQP consumers and the ingest pipeline.
+    Serve,
+    /// Apply pending store migrations and exit (safe to run while instances are serving).
+    Migrate,
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Print the effective configuration as TOML, secrets redacted.
+    Print,
+    /// Validate the configuration and exit 0 if it is usable.
+    Check,
+}
+
+/// Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
+pub fn run(cli: Cli) -> ExitCode {
+    let settings = match Settings::load(&ConfigSource::from_process(cli.config.clone())) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Command::Config {
+            action: ConfigAction::Print,
+        } => {
+            print!("{}", settings.redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Config {
+            action: ConfigAction::Check,
+        } => {
+            println!("configuration ok");
+            ExitCode::SUCCESS
+        }
+        Command::Migrate => {
+            telemetry::init_logging(&settings.log);
+            match open_store(&settings, false).and_then(|s| Ok(s.migrate()?)) {
+                Ok(n) => {
+                    println!("{n} migration(s) applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Serve => {
+            telemetry::init_logging(&settings.log);
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => return fail(&e.into()),
+            };
+            match runtime.block_on(serve(settings)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail(&e),
+            }
+        }
+    }
+}
+
+fn fail(e: &anyhow::Error) -> ExitCode {
+    tracing::error!(error = format!("{e:#}"), "fatal");
+    eprintln!("error: {e:#}");
+    ExitCode::FAILURE
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let app = Application::build(settings).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(stop_on_signal(shutdown.clone()));
+    app.run_until_stopped(shutdown).await
+}
+
+async fn stop_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,503 @@
+//! Configuration: the embedded `config/default.toml`, then an optional file, then
+//! `SUBGATE__SECTION__KEY` environment variables. Every key is typed and validated once, here;
+//! an error names the key.
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// The embedded defaults: every key with its comment.
+pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
+/// Prefix of environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "SUBGATE__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid TOML: {message}")]
+    Syntax { path: String, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_owned(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub store: StoreSettings,
+    pub amqp: AmqpSettings,
+    pub erp: ErpSettings,
+    pub ingest: IngestSettings,
+    pub log: LogSettings,
+    pub shutdown: ShutdownSettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub addr: SocketAddr,
+    pub body_limit_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSettings {
+    pub url: String,
+    pub sqlite_synchronous: SqliteSynchronous,
+    pub migrate_on_start: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SqliteSynchronous {
+    Full,
+    Normal,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSettings {
+    pub url: String,
+    pub prefetch: u16,
+    pub queue_type: QueueType,
+    pub dead_letter_exchange: String,
+    pub dead_letter_queue: String,
+    pub delivery_limit: u32,
+    pub reconnect_initial_ms: u64,
+    pub reconnect_max_ms: u64,
+    pub heartbeat_secs: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    Quorum,
+    Classic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ErpSettings {
+    pub customer_queue: String,
+    pub subscription_queue: String,
+    pub declare: bool,
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSettings {
+    pub batch_max: usize,
+    pub batch_wait_ms: u64,
+    pub queue_capacity: usize,
+    pub max_message_bytes: usize,
+    pub store_retry_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownSettings {
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub timeout: Duration,
+}
+
+/// Where a `Settings` comes from: the defaults, an optional file, and the environment.
+#[derive(Debug, Default, Clone)]
+pub struct ConfigSource {
+    pub file: Option<std::path::PathBuf>,
+    /// `(name, value)` pairs; normally `std::env::vars()`.
+    pub env: Vec<(String, String)>,
+}
+
+impl ConfigSource {
+    pub fn from_process(file: Option<std::path::PathBuf>) -> Self {
+        Self {
+            file,
+            env: std::env::vars().collect(),
+        }
+    }
+}
+
+impl Settings {
+    /// Load and validate the effective configuration.
+    pub fn load(source: &ConfigSource) -> Result<Self, ConfigError> {
+        let mut table: toml::Table =
+            DEFAULT_TOML
+                .parse()
+                .map_err(|e: toml::de::Error| ConfigError::Syntax {
+                    path: "<embedded default.toml>".into(),
+                    message: e.message().to_owned(),
+                })?;
+        if let Some(path) = &source.file {
+            merge(&mut table, read_file(path)?);
+        }
+        apply_env(&mut table, &source.env)?;
+        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+            .map_err(|e| {
+                let key = e.path().to_string();
+                invalid(&key, e.into_inner().to_string())
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Defaults only (tests and `config print` without a file start here).
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::load(&ConfigSource::default())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        StoreUrl::parse(&self.store.url)?;
+        if !(self.amqp.url.starts_with("amqp://") || self.amqp.url.starts_with("amqps://")) {
+            return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
+        }
+        crate::sources::amqp::BrokerAddress::parse(&self.amqp.url)
+            .map_err(|m| invalid("amqp.url", m))?;
+        if self.amqp.prefetch == 0 {
+            return Err(invalid("amqp.prefetch", "must be at least 1"));
+        }
+        if self.amqp.reconnect_initial_ms == 0
+            || self.amqp.reconnect_max_ms < self.amqp.reconnect_initial_ms
+        {
+            return Err(invalid(
+                "amqp.reconnect_max_ms",
+                "must be >= amqp.reconnect_initial_ms, which must be > 0",
+            ));
+        }
+        if !self.amqp.dead_letter_queue.contains("{queue}") {
+            return Err(invalid(
+                "amqp.dead_letter_queue",
+                "must contain {queue} so each source queue gets its own dead-letter queue",
+            ));
+        }
+        for (key, value) in [
+            ("erp.customer_queue", &self.erp.customer_queue),
+            ("erp.subscription_queue", &self.erp.subscription_queue),
+            ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
+        ] {
+            if value.trim().is_empty() || value.len() > 255 {
+                return Err(invalid(
+                    key,
+                    "must be a non-empty name of at most 255 bytes",
+                ));
+            }
+        }
+        if self.ingest.batch_max == 0 || self.ingest.batch_max > 100_000 {
+            return Err(invalid("ingest.batch_max", "must be between 1 and 100000"));
+        }
+        if self.ingest.queue_capacity == 0 {
+            return Err(invalid("ingest.queue_capacity", "must be at least 1"));
+        }
+        if self.ingest.max_message_bytes == 0 {
+            return Err(invalid("ingest.max_message_bytes", "must be at least 1"));
+        }
+        if self.http.body_limit_bytes == 0 {
+            return Err(invalid("http.body_limit_bytes", "must be at least 1"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The dead-letter queue of a source queue.
+    pub fn dead_letter_queue_for(&self, queue: &str) -> String {
+        self.amqp.dead_letter_queue.replace("{queue}", queue)
+    }
+
+    /// The effective configuration as TOML with every secret replaced by `***`.
+    pub fn redacted_toml(&self) -> String {
+        let mut copy = self.clone();
+        copy.amqp.url = redact_url(&copy.amqp.url);
+        copy.store.url = redact_url(&copy.store.url);
+        toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// Replace the password of `scheme://user:password@host…` with `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let Some((userinfo, host)) = rest.split_once('@') else {
+        return url.to_owned();
+    };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// The parsed `store.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(std::path::PathBuf),
+    Postgres(String),
+}
+
+impl StoreUrl {
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            if path.is_empty() {
+                return Err(invalid("store.url", "sqlite:// needs a file path"));
+            }
+            Ok(StoreUrl::Sqlite(path.into()))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(StoreUrl::Postgres(url.to_owned()))
+        } else {
+            Err(invalid(
+                "store.url",
+                format!(
+                    "unsupported scheme in {:?}: use sqlite://PATH or postgres://…",
+                    redact_url(url)
+                ),
+            ))
+        }
+    }
+}
+
+fn read_file(path: &Path) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    text.parse()
+        .map_err(|e: toml::de::Error| ConfigError::Syntax {
+            path: path.display().to_string(),
+            message: e.to_string().trim().replace('\n', " "),
+        })
+}
+
+/// Deep-merge `overlay` into `base`: tables merge key by key, anything else replaces.
+fn merge(base: &mut toml::Table, overlay: toml::Table) {
+    for (key, value) in overlay {
+        match (base.get_mut(&key), value) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, value) => {
+                base.insert(key, value);
+            }
+        }
+    }
+}
+
+/// `SUBGATE__AMQP__PREFETCH=512` sets `amqp.prefetch`. Values are read as TOML literals
+/// (numbers, booleans, arrays) when they parse as one, otherwise as strings.
+fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), ConfigError> {
+    for (name, raw) in env {
+        let Some(path) = name.strip_prefix(ENV_PREFIX) else {
+            continue;
+        };
+        let keys: Vec<String> = path.split("__").map(|k| k.to_ascii_lowercase()).collect();
+        if keys.iter().any(String::is_empty) {
+            return Err(ConfigError::Env {
+                var: name.clone(),
+                message: "empty key segment (use SUBGATE__SECTION__KEY)".into(),
+            });
+        }
+        let value = parse_env_value(raw);
+        let mut cursor = &mut *table;
+        let (last, parents) = keys.split_last().ok_or_else(|| ConfigError::Env {
+            var: name.clone(),
+            message: "no key".into(),
+        })?;
+        for key in parents {
+            let entry = cursor
+                .entry(key.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = match entry {
+                toml::Value::Table(t) => t,
+                _ => {
+                    return Err(ConfigError::Env {
+                        var: name.clone(),
+                        message: format!("`{key}` is not a section"),
+                    })
+                }
+            };
+        }
+        cursor.insert(last.clone(), value);
+    }
+    Ok(())
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    let trimmed = raw.trim();
+    let literal = trimmed == "true"
+        || trimmed == "false"
+        || trimmed.starts_with('[')
+        || trimmed.parse::<i64>().is_ok()
+        || (trimmed.parse::<f64>().is_ok() && trimmed.contains('.'));
+    if literal {
+        if let Ok(t) = format!("v = {trimmed}").parse::<toml::Table>() {
+            if let Some(v) = t.get("v") {
+                return v.clone();
+            }
+        }
+    }
+    toml::Value::String(raw.to_owned())
+}
+
+/// Parse "500ms", "20s", "2m", "1h" (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 20s, 2m or 1h"))?;
+    let ms = match unit.trim() {
+        "ms" => n,
+        "" | "s" => n.saturating_mul(1000),
+        "m" => n.saturating_mul(60_000),
+        "h" => n.saturating_mul(3_600_000),
+        other => return Err(format!("unknown duration unit {other:?} in {text:?}")),
+    };
+    Ok(Duration::from_millis(ms))
+}
+
+pub fn format_duration(d: &Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 3_600_000 == 0 && ms > 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 && ms > 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+pub fn deserialize_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Text(String),
+        Secs(u64),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Text(t) => parse_duration(&t).map_err(serde::de::Error::custom),
+        Raw::Secs(s) => Ok(Duration::from_secs(s)),
+    }
+}
+
+pub fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format_duration(d))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("subgate-cfg-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = file.map(|text| {
+            let p = dir.join("c.toml");
+            std::fs::write(&p, text).unwrap();
+            p
+        });
+        Settings::load(&ConfigSource {
+            file: path,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        })
+    }
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let s = Settings::defaults().unwrap();
+        assert_eq!(s.http.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.store.url, "sqlite://subgate.db");
+        assert_eq!(s.amqp.prefetch, 256);
+        assert_eq!(s.erp.customer_queue, "secom-customer-queue");
+        assert_eq!(s.erp.subscription_queue, "secom-subscriptions-queue");
+        assert_eq!(s.amqp.queue_type, QueueType::Quorum);
+        assert_eq!(s.shutdown.timeout, Duration::from_secs(20));
+        assert_eq!(s.dead_letter_queue_for("q"), "q.dead");
+    }
+
+    #[test]
+    fn env_overrides_file_which_overrides_defaults() {
+        let s = load(
+            Some("[amqp]\nprefetch = 100\n[http]\naddr = \"0.0.0.0:9000\"\n"),
+            &[("SUBGATE__AMQP__PREFETCH", "512"), ("OTHER", "x")],
+        )
+        .unwrap();
+        assert_eq!(s.amqp.prefetch, 512);
+        assert_eq!(s.http.addr.to_string(), "0.0.0.0:9000");
+    }
+
+    #[test]
+    fn invalid_value_names_the_key() {
+        let err = load(None, &[("SUBGATE__AMQP__PREFETCH", "lots")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("amqp.prefetch"), "{err}");
+        let err = load(Some("[log]\nformat = \"xml\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("log.format"), "{err}");
+        let err = load(None, &[("SUBGATE__STORE__URL", "mysql://x")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("store.url"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_with_its_name() {
+        let err = load(Some("[amqp]\nprefech = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("prefech"), "{err}");
+    }
+
+    #[test]
+    fn redacted_print_hides_the_broker_password() {
+        let s = load(
+            None,
+            &[("SUBGATE__AMQP__URL", "amqp://user:s3cret@host:5672/%2f")],
+        )
+        .unwrap();
+        let printed = s.redacted_toml();
+        assert!(!printed.contains("s3cret"));
+        assert!(printed.contains("amqp://user:***@host:5672/%2f"));
+    }
+
+    #[test]
+    fn durations_parse_in_common_units() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_duration("soon").is_err());
+    }
+}

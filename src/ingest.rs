@@ -1,0 +1,314 @@
+//! The ingest pipeline: one writer, group commit.
+//!
+//! Sources hand envelopes to [`Ingest::enqueue`]; a dedicated writer thread takes them in
+//! arrival order, up to `ingest.batch_max` at a time (waiting at most `ingest.batch_wait_ms` for a
+//! batch to fill), and writes each batch in ONE transaction: inbox insert → dedupe → projection.
+//! Each caller learns its event's outcome only after that transaction has committed, which is
+//! when an AMQP delivery may be acked or an HTTP call answered.
+
+use std::{
+    collections::HashMap,
+    panic::AssertUnwindSafe,
+    sync::Arc,
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    config::IngestSettings,
+    envelope::{Applied, ApplyContext, ApplyError, Envelope},
+    store::{InboxEntry, InboxInsert, Store, StoreError, StoreTx},
+};
+
+/// What happened to one event, known after commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestOutcome {
+    /// The inbox row holding the event (for a duplicate: the first occurrence).
+    pub inbox_id: i64,
+    pub status: IngestStatus,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IngestStatus {
+    Applied,
+    NoOp,
+    Stale,
+    Duplicate,
+}
+
+impl IngestStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IngestStatus::Applied => "applied",
+            IngestStatus::NoOp => "noop",
+            IngestStatus::Stale => "stale",
+            IngestStatus::Duplicate => "duplicate",
+        }
+    }
+}
+
+impl From<Applied> for IngestStatus {
+    fn from(a: Applied) -> Self {
+        match a {
+            Applied::Changed => IngestStatus::Applied,
+            Applied::NoOp => IngestStatus::NoOp,
+            Applied::Stale => IngestStatus::Stale,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Nothing was committed; try again later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// This event can never be applied; the raw bytes come back for the dead-letter queue.
+    #[error("rejected: {reason}")]
+    Rejected { reason: String, raw: Vec<u8> },
+    /// The pipeline is shut down.
+    #[error("ingest pipeline closed")]
+    Closed,
+}
+
+pub type Reply = oneshot::Receiver<Result<IngestOutcome, IngestError>>;
+
+struct Job {
+    envelope: Envelope,
+    reply: oneshot::Sender<Result<IngestOutcome, IngestError>>,
+}
+
+/// Handle to the pipeline; cheap to clone. The writer stops once every handle is dropped and
+/// the events already queued are committed.
+#[derive(Clone)]
+pub struct Ingest {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Ingest {
+    /// Queue an event (waits while the queue is full: back-pressure). The returned receiver
+    /// resolves after the event's batch has committed or failed.
+    pub async fn enqueue(&self, envelope: Envelope) -> Result<Reply, IngestError> {
+        let (reply, rx) = oneshot::channel();
+        self.jobs
+            .send(Job { envelope, reply })
+            .await
+            .map_err(|_| IngestError::Closed)?;
+        Ok(rx)
+    }
+
+    /// Queue an event and wait for its committed outcome.
+    pub async fn submit(&self, envelope: Envelope) -> Result<IngestOutcome, IngestError> {
+        self.enqueue(envelope)
+            .await?
+            .await
+            .unwrap_or(Err(IngestError::Closed))
+    }
+}
+
+/// The writer thread; join it after dropping every [`Ingest`] handle.
+pub struct IngestWriter {
+    thread: JoinHandle<()>,
+}
+
+impl IngestWriter {
+    /// Block until the writer has committed everything queued and stopped.
+    pub fn join(self) {
+        let _ = self.thread.join();
+    }
+}
+
+/// Start the writer thread.
+pub fn start(
+    store: Arc<dyn Store>,
+    settings: &IngestSettings,
+    runtime: tokio::runtime::Handle,
+) -> (Ingest, IngestWriter) {
+    let (jobs, rx) = mpsc::channel(settings.queue_capacity);
+    let batch_max = settings.batch_max;
+    let batch_wait = Duration::from_millis(settings.batch_wait_ms);
+    let thread = std::thread::Builder::new()
+        .name("subgate-ingest".into())
+        .spawn(move || run_writer(store, rx, batch_max, batch_wait, runtime))
+        .unwrap_or_else(|e| panic!("cannot spawn the ingest writer thread: {e}"));
+    (Ingest { jobs }, IngestWriter { thread })
+}
+
+fn run_writer(
+    store: Arc<dyn Store>,
+    mut rx: mpsc::Receiver<Job>,
+    batch_max: usize,
+    batch_wait: Duration,
+    runtime: tokio::runtime::Handle,
+) {
+    let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
+    while let Some(first) = rx.blocking_recv() {
+        batch.push(first);
+        let deadline = Instant::now() + batch_wait;
+        while batch.len() < batch_max {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    match runtime.block_on(tokio::time::timeout(left, rx.recv())) {
+                        Ok(Some(job)) => batch.push(job),
+                        Ok(None) | Err(_) => break,
+                    }
+                }
+            }
+        }
+        commit_batch(store.as_ref(), &mut batch);
+    }
+    tracing::debug!("ingest writer stopped");
+}
+
+/// Per-event result inside the transaction: `Err` rejects only that event.
+type EventResult = Result<IngestOutcome, String>;
+
+fn commit_batch(store: &dyn Store, batch: &mut Vec<Job>) {
+    let started = Instant::now();
+    let mut results: Vec<EventResult> = Vec::with_capacity(batch.len());
+    let written = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        store.write(&mut |tx| {
+            results.clear();
+            for job in batch.iter() {
+                results.push(ingest_one(tx, &job.envelope)?);
+            }
+            Ok(())
+        })
+    }))
+    .unwrap_or_else(|_| Err(StoreError::Unavailable("ingest writer panicked".into())));
+    let elapsed = started.elapsed();
+    metrics::histogram!("subgate_batch_size").record(batch.len() as f64);
+    metrics::histogram!("subgate_commit_seconds").record(elapsed.as_secs_f64());
+
+    match written {
+        Ok(()) => {
+            let mut counts: HashMap<(&'static str, &'static str), u64> = HashMap::new();
+            for (job, result) in batch.drain(..).zip(results.drain(..)) {
+                let source = job.envelope.source;
+                let reply = match result {
+                    Ok(outcome) => {
+                        *counts.entry((source, outcome.status.as_str())).or_default() += 1;
+                        Ok(outcome)
+                    }
+                    Err(reason) => {
+                        *counts.entry((source, "rejected")).or_default() += 1;
+                        Err(IngestError::Rejected {
+                            reason,
+                            raw: job.envelope.raw,
+                        })
+                    }
+                };
+                let _ = job.reply.send(reply);
+            }
+            for ((source, status), n) in counts {
+                metrics::counter!("subgate_committed_total", "source" => source, "status" => status)
+                    .increment(n);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, events = batch.len(), "ingest batch not committed");
+            metrics::counter!("subgate_commit_failures_total").increment(1);
+            for job in batch.drain(..) {
+                let _ = job.reply.send(Err(IngestError::Unavailable(e.to_string())));
+            }
+        }
+    }
+}
+
+/// One event inside the batch transaction, isolated by a savepoint: a transient store error
+/// aborts the batch (`Err`), anything else rejects this event only (`Ok(Err(reason))`).
+fn ingest_one(tx: &mut dyn StoreTx, env: &Envelope) -> Result<EventResult, StoreError> {
+    tx.savepoint()?;
+    match record_event(tx, env) {
+        Ok(outcome) => {
+            tx.release_savepoint()?;
+            Ok(Ok(outcome))
+        }
+        Err(ApplyError::Store(e)) if e.is_transient() => Err(e),
+        Err(e) => {
+            tx.rollback_to_savepoint()?;
+            Ok(Err(e.to_string()))
+        }
+    }
+}
+
+fn record_event(tx: &mut dyn StoreTx, env: &Envelope) -> Result<IngestOutcome, ApplyError> {
+    let entry = InboxEntry {
+        source: env.source,
+        kind: &env.kind,
+        entity: &env.entity,
+        dedupe_key: &env.dedupe_key,
+        occurred_at: env.occurred_at,
+        received_at: env.received_at,
+        meta: &env.meta,
+        raw: &env.raw,
+    };
+    match tx.insert_inbox(&entry)? {
+        InboxInsert::New(inbox_id) => {
+            let applied = env.change.apply(tx, &context(env, inbox_id))?;
+            tx.set_inbox_outcome(inbox_id, applied.as_str())?;
+            Ok(IngestOutcome {
+                inbox_id,
+                status: applied.into(),
+            })
+        }
+        InboxInsert::Duplicate(first) if env.change.is_snapshot() => {
+            // Same bytes as an earlier snapshot. If the state has moved on since (A → B → A),
+            // this is a real change and gets its own inbox row; otherwise it is a duplicate.
+            let key = format!(
+                "{}#{}-{}",
+                env.dedupe_key,
+                env.received_at,
+                fastrand::u32(..)
+            );
+            tx.savepoint()?;
+            let inbox_id = match tx.insert_inbox(&InboxEntry {
+                dedupe_key: &key,
+                ..entry
+            })? {
+                InboxInsert::New(id) => id,
+                InboxInsert::Duplicate(_) => {
+                    tx.rollback_to_savepoint()?;
+                    return Ok(duplicate(first));
+                }
+            };
+            match env.change.apply(tx, &context(env, inbox_id))? {
+                Applied::Changed => {
+                    tx.set_inbox_outcome(inbox_id, Applied::Changed.as_str())?;
+                    tx.release_savepoint()?;
+                    Ok(IngestOutcome {
+                        inbox_id,
+                        status: IngestStatus::Applied,
+                    })
+                }
+                Applied::NoOp | Applied::Stale => {
+                    tx.rollback_to_savepoint()?;
+                    Ok(duplicate(first))
+                }
+            }
+        }
+        InboxInsert::Duplicate(first) => Ok(duplicate(first)),
+    }
+}
+
+fn duplicate(inbox_id: i64) -> IngestOutcome {
+    IngestOutcome {
+        inbox_id,
+        status: IngestStatus::Duplicate,
+    }
+}
+
+fn context(env: &Envelope, inbox_id: i64) -> ApplyContext {
+    ApplyContext {
+        inbox_id,
+        occurred_at: env.occurred_at,
+        received_at: env.received_at,
+    }
+}

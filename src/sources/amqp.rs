@@ -1,0 +1,806 @@
+//! The supervised AMQP consumer that every queue-based source plugs into.
+//!
+//! Supervision loop (lapin/amqprs recovery is not dependable, so we own it): connect → declare or
+//! passively verify the topology (queue, dead-letter exchange and queue, optional exchange and
+//! bindings) → `basic.qos(prefetch)` → consume. Any connection or channel error drops the session;
+//! we reconnect with exponential backoff and full jitter and report not-ready meanwhile.
+//!
+//! Per queue, a *pump* decodes deliveries and hands envelopes to the ingest pipeline, and an
+//! *acker* resolves them strictly in delivery order:
+//! - committed → acked with `multiple=true` up to the last resolved tag, flushed whenever the
+//!   acker would otherwise wait (so acks coalesce under load and go out at once when idle);
+//! - undecodable or rejected by the pipeline → published to the dead-letter exchange with the
+//!   reason in `x-subgate-error` (a transactional publish), then acked;
+//! - store unavailable → nacked with requeue after `ingest.store_retry_ms` (never a tight loop;
+//!   quorum queues' `x-delivery-limit` bounds the redeliveries).
+
+use std::{sync::Arc, time::Duration};
+
+use amqprs::{
+    callbacks::{DefaultChannelCallback, DefaultConnectionCallback},
+    channel::{
+        BasicAckArguments, BasicCancelArguments, BasicConsumeArguments, BasicNackArguments,
+        BasicPublishArguments, BasicQosArguments, Channel, ExchangeDeclareArguments,
+        QueueBindArguments, QueueDeclareArguments,
+    },
+    connection::{Connection, OpenConnectionArguments},
+    BasicProperties, FieldName, FieldTable, FieldValue,
+};
+use serde_json::{json, Value};
+use tokio::{sync::mpsc, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::{QueueType, Settings},
+    envelope::Envelope,
+    health::Health,
+    ingest::{Ingest, IngestError, Reply},
+};
+
+/// A message as a decoder sees it.
+pub struct AmqpMessage<'a> {
+    pub queue: &'a str,
+    pub exchange: &'a str,
+    pub routing_key: &'a str,
+    pub redelivered: bool,
+    pub properties: &'a BasicProperties,
+    pub body: &'a [u8],
+}
+
+impl AmqpMessage<'_> {
+    /// The AMQP `timestamp` property (seconds) as Unix milliseconds.
+    pub fn timestamp_ms(&self) -> Option<i64> {
+        self.properties
+            .timestamp()
+            .and_then(|s| i64::try_from(s).ok())
+            .and_then(|s| s.checked_mul(1000))
+    }
+
+    pub fn message_id(&self) -> Option<&str> {
+        self.properties
+            .message_id()
+            .map(String::as_str)
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Transport metadata stored with the inbox row.
+    pub fn meta(&self) -> Value {
+        json!({
+            "transport": "amqp",
+            "queue": self.queue,
+            "exchange": self.exchange,
+            "routing_key": self.routing_key,
+            "redelivered": self.redelivered,
+            "message_id": self.message_id(),
+            "timestamp": self.properties.timestamp(),
+            "content_type": self.properties.content_type(),
+        })
+    }
+}
+
+/// Why a message cannot be accepted: it goes to the dead-letter queue with this reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Stable machine-readable code (`not_json`, `not_an_object`, `missing_id`, `too_large`, …).
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(code: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            code,
+            detail: detail.into(),
+        }
+    }
+
+    fn header(&self) -> String {
+        format!("{}: {}", self.code, self.detail)
+    }
+}
+
+/// Turns one queue's messages into envelopes.
+pub trait Decoder: Send + Sync + 'static {
+    fn decode(&self, message: &AmqpMessage<'_>) -> Result<Envelope, Rejection>;
+}
+
+/// An exchange a source's queue is bound to.
+#[derive(Debug, Clone)]
+pub struct ExchangeSpec {
+    pub name: String,
+    /// direct | topic | fanout | headers
+    pub kind: String,
+    pub routing_keys: Vec<String>,
+}
+
+/// One queue to consume.
+#[derive(Clone)]
+pub struct QueueSpec {
+    pub queue: String,
+    /// Declare the topology (true) or only verify it exists (false).
+    pub declare: bool,
+    pub exchange: Option<ExchangeSpec>,
+    pub decoder: Arc<dyn Decoder>,
+}
+
+impl QueueSpec {
+    pub fn component(&self) -> String {
+        format!("amqp:{}", self.queue)
+    }
+}
+
+/// Host, port, vhost and credentials parsed from `amqp.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerAddress {
+    pub host: String,
+    pub port: u16,
+    pub vhost: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl BrokerAddress {
+    pub fn parse(url: &str) -> Result<Self, String> {
+        let rest = match url.split_once("://") {
+            Some(("amqp", rest)) => rest,
+            Some(("amqps", _)) => return Err("amqps:// (TLS) is not supported yet".into()),
+            _ => return Err("must look like amqp://user:password@host:port/vhost".into()),
+        };
+        let (authority, vhost) = match rest.split_once('/') {
+            Some((a, v)) => (a, percent_decode(v)?),
+            None => (rest, "/".to_owned()),
+        };
+        let vhost = if vhost.is_empty() { "/".into() } else { vhost };
+        let (userinfo, hostport) = match authority.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, authority),
+        };
+        let (user, password) = match userinfo {
+            Some(u) => match u.split_once(':') {
+                Some((user, pass)) => (percent_decode(user)?, percent_decode(pass)?),
+                None => (percent_decode(u)?, String::new()),
+            },
+            None => ("guest".into(), "guest".into()),
+        };
+        let (host, port) = match hostport.rsplit_once(':') {
+            Some((h, p)) => (
+                h.to_owned(),
+                p.parse::<u16>()
+                    .map_err(|_| format!("invalid port {p:?}"))?,
+            ),
+            None => (hostport.to_owned(), 5672),
+        };
+        if host.is_empty() {
+            return Err("no host".into());
+        }
+        Ok(Self {
+            host,
+            port,
+            vhost,
+            user,
+            password,
+        })
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = s
+                .get(i + 1..i + 3)
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| format!("bad percent-escape in {s:?}"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+}
+
+/// Exponential backoff with full jitter: a random delay in [initial, min(max, initial·2^n)].
+pub fn backoff_delay(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let ceiling = initial
+        .saturating_mul(1u32.checked_shl(attempt.min(20)).unwrap_or(u32::MAX))
+        .min(max);
+    let span = ceiling.saturating_sub(initial).as_millis() as u64;
+    initial + Duration::from_millis(fastrand::u64(0..=span))
+}
+
+/// Everything a consumer needs; one per process, covering every queue-based source.
+pub struct AmqpConsumer {
+    pub settings: Arc<Settings>,
+    pub specs: Vec<QueueSpec>,
+    pub ingest: Ingest,
+    pub health: Health,
+}
+
+impl AmqpConsumer {
+    /// Run until `shutdown` is cancelled; then stop consuming, let in-flight events commit, ack
+    /// them, and close the connection.
+    pub async fn run(self, shutdown: CancellationToken) {
+        if self.specs.is_empty() {
+            return;
+        }
+        let initial = Duration::from_millis(self.settings.amqp.reconnect_initial_ms);
+        let max = Duration::from_millis(self.settings.amqp.reconnect_max_ms);
+        let mut attempt = 0u32;
+        let mut sessions = 0u64;
+        loop {
+            if shutdown.is_cancelled() {
+                break;
+            }
+            if sessions > 0 {
+                metrics::counter!("subgate_amqp_reconnects_total").increment(1);
+            }
+            sessions += 1;
+            let started = std::time::Instant::now();
+            let result = self.run_session(&shutdown).await;
+            for spec in &self.specs {
+                metrics::gauge!("subgate_consumer_connected", "queue" => spec.queue.clone())
+                    .set(0.0);
+            }
+            match result {
+                Ok(()) => break,
+                Err(reason) => {
+                    tracing::warn!(%reason, "AMQP session ended; reconnecting");
+                    for spec in &self.specs {
+                        self.health.set(
+                            &spec.component(),
+                            false,
+                            format!("disconnected: {reason}"),
+                        );
+                    }
+                }
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                attempt = 0;
+            }
+            let delay = backoff_delay(attempt, initial, max);
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        for spec in &self.specs {
+            self.health.set(&spec.component(), false, "stopped");
+        }
+    }
+
+    async fn run_session(&self, shutdown: &CancellationToken) -> Result<(), String> {
+        let address = BrokerAddress::parse(&self.settings.amqp.url)?;
+        let args = OpenConnectionArguments::new(
+            &address.host,
+            address.port,
+            &address.user,
+            &address.password,
+        )
+        .virtual_host(&address.vhost)
+        .heartbeat(self.settings.amqp.heartbeat_secs)
+        .connection_name("subgate")
+        .finish();
+        let connection = Connection::open(&args)
+            .await
+            .map_err(|e| format!("cannot connect to {}:{}: {e}", address.host, address.port))?;
+        connection
+            .register_callback(DefaultConnectionCallback)
+            .await
+            .map_err(|e| e.to_string())?;
+
+        let session = shutdown.child_token();
+        let mut pumps = JoinSet::new();
+        for spec in &self.specs {
+            let (channel, dead_letters) = match self.open_queue(&connection, spec).await {
+                Ok(pair) => pair,
+                Err(e) => {
+                    session.cancel();
+                    while pumps.join_next().await.is_some() {}
+                    let _ = connection.close().await;
+                    return Err(e);
+                }
+            };
+            let consume = BasicConsumeArguments::new(&spec.queue, "")
+                .manual_ack(true)
+                .finish();
+            let (consumer_tag, deliveries) = channel
+                .basic_consume_rx(consume)
+                .await
+                .map_err(|e| format!("basic.consume on {}: {e}", spec.queue))?;
+            self.health.set(&spec.component(), true, "consuming");
+            metrics::gauge!("subgate_consumer_connected", "queue" => spec.queue.clone()).set(1.0);
+            tracing::info!(queue = %spec.queue, "consuming");
+            let pump = Pump {
+                spec: spec.clone(),
+                channel,
+                dead_letters,
+                consumer_tag,
+                ingest: self.ingest.clone(),
+                settings: self.settings.clone(),
+            };
+            pumps.spawn(pump.run(deliveries, session.clone()));
+        }
+
+        let outcome = tokio::select! {
+            _ = shutdown.cancelled() => Ok(()),
+            Some(ended) = pumps.join_next() => Err(match ended {
+                Ok(Err(e)) => e,
+                Ok(Ok(())) => "consumer stopped".to_owned(),
+                Err(e) => format!("consumer task failed: {e}"),
+            }),
+            _ = watch_connection(&connection) => Err("connection to the broker lost".to_owned()),
+        };
+        // Stop every pump: each stops taking deliveries, waits for its in-flight events to
+        // commit, and acks them (on a live channel) before returning.
+        session.cancel();
+        while pumps.join_next().await.is_some() {}
+        let _ = connection.close().await;
+        outcome
+    }
+
+    /// Declare or verify one queue's topology, then return its consuming channel (with qos set)
+    /// and its dead-letter publishing channel (transactional).
+    async fn open_queue(
+        &self,
+        connection: &Connection,
+        spec: &QueueSpec,
+    ) -> Result<(Channel, Channel), String> {
+        let channel = connection
+            .open_channel(None)
+            .await
+            .map_err(|e| format!("open channel: {e}"))?;
+        channel
+            .register_callback(DefaultChannelCallback)
+            .await
+            .map_err(|e| e.to_string())?;
+        declare_topology(&channel, spec, &self.settings).await?;
+        channel
+            .basic_qos(BasicQosArguments::new(
+                0,
+                self.settings.amqp.prefetch,
+                false,
+            ))
+            .await
+            .map_err(|e| format!("basic.qos: {e}"))?;
+        let dead_letters = connection
+            .open_channel(None)
+            .await
+            .map_err(|e| format!("open channel: {e}"))?;
+        dead_letters
+            .register_callback(DefaultChannelCallback)
+            .await
+            .map_err(|e| e.to_string())?;
+        dead_letters
+            .tx_select()
+            .await
+            .map_err(|e| format!("tx.select: {e}"))?;
+        Ok((channel, dead_letters))
+    }
+}
+
+/// Resolves when the connection is no longer open.
+async fn watch_connection(connection: &Connection) {
+    tokio::select! {
+        _ = connection.listen_network_io_failure() => {}
+        _ = async {
+            while connection.is_open() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        } => {}
+    }
+}
+
+fn text(s: &str) -> FieldValue {
+    FieldValue::from(s.to_owned())
+}
+
+fn field(name: &str) -> Result<FieldName, String> {
+    name.try_into()
+        .map_err(|_| format!("invalid AMQP field name {name:?}"))
+}
+
+async fn declare_topology(
+    channel: &Channel,
+    spec: &QueueSpec,
+    settings: &Settings,
+) -> Result<(), String> {
+    let dlx = &settings.amqp.dead_letter_exchange;
+    let dlq = settings.dead_letter_queue_for(&spec.queue);
+    let explain = |what: String| {
+        move |e: amqprs::error::Error| {
+            format!("{what}: {e} (with declare = false the upstream must own this topology)")
+        }
+    };
+    if !spec.declare {
+        channel
+            .queue_declare(
+                QueueDeclareArguments::new(&spec.queue)
+                    .passive(true)
+                    .finish(),
+            )
+            .await
+            .map_err(explain(format!("queue {} not found", spec.queue)))?;
+        channel
+            .exchange_declare(
+                ExchangeDeclareArguments::new(dlx, "direct")
+                    .passive(true)
+                    .finish(),
+            )
+            .await
+            .map_err(explain(format!("dead-letter exchange {dlx} not found")))?;
+        if let Some(ex) = &spec.exchange {
+            channel
+                .exchange_declare(
+                    ExchangeDeclareArguments::new(&ex.name, &ex.kind)
+                        .passive(true)
+                        .finish(),
+                )
+                .await
+                .map_err(explain(format!("exchange {} not found", ex.name)))?;
+        }
+        return Ok(());
+    }
+
+    let quorum = settings.amqp.queue_type == QueueType::Quorum;
+    let queue_type = if quorum { "quorum" } else { "classic" };
+    let mismatch = |what: String| {
+        move |e: amqprs::error::Error| {
+            format!("declare {what}: {e} (if it exists with other arguments, delete it or set declare = false)")
+        }
+    };
+
+    channel
+        .exchange_declare(
+            ExchangeDeclareArguments::new(dlx, "direct")
+                .durable(true)
+                .finish(),
+        )
+        .await
+        .map_err(mismatch(format!("exchange {dlx}")))?;
+    let mut dlq_args = FieldTable::new();
+    dlq_args.insert(field("x-queue-type")?, text(queue_type));
+    channel
+        .queue_declare(
+            QueueDeclareArguments::new(&dlq)
+                .durable(true)
+                .arguments(dlq_args)
+                .finish(),
+        )
+        .await
+        .map_err(mismatch(format!("queue {dlq}")))?;
+    channel
+        .queue_bind(QueueBindArguments::new(&dlq, dlx, &spec.queue))
+        .await
+        .map_err(|e| format!("bind {dlq} to {dlx}: {e}"))?;
+
+    let mut args = FieldTable::new();
+    args.insert(field("x-queue-type")?, text(queue_type));
+    args.insert(field("x-dead-letter-exchange")?, text(dlx));
+    args.insert(field("x-dead-letter-routing-key")?, text(&spec.queue));
+    if quorum {
+        args.insert(field("x-dead-letter-strategy")?, text("at-least-once"));
+        args.insert(field("x-overflow")?, text("reject-publish"));
+        args.insert(
+            field("x-delivery-limit")?,
+            FieldValue::l(i64::from(settings.amqp.delivery_limit)),
+        );
+    }
+    channel
+        .queue_declare(
+            QueueDeclareArguments::new(&spec.queue)
+                .durable(true)
+                .arguments(args)
+                .finish(),
+        )
+        .await
+        .map_err(mismatch(format!("queue {}", spec.queue)))?;
+
+    if let Some(ex) = &spec.exchange {
+        channel
+            .exchange_declare(
+                ExchangeDeclareArguments::new(&ex.name, &ex.kind)
+                    .durable(true)
+                    .finish(),
+            )
+            .await
+            .map_err(mismatch(format!("exchange {}", ex.name)))?;
+        for key in &ex.routing_keys {
+            channel
+                .queue_bind(QueueBindArguments::new(&spec.queue, &ex.name, key))
+                .await
+                .map_err(|e| format!("bind {} to {} ({key}): {e}", spec.queue, ex.name))?;
+        }
+    }
+    Ok(())
+}
+
+/// What the acker does with one delivery once it is its turn.
+enum Disposition {
+    /// Wait for the commit, then ack (or dead-letter / requeue on failure).
+    Commit {
+        reply: Reply,
+        routing_key: String,
+        properties: BasicProperties,
+    },
+    /// Publish to the dead-letter exchange with the reason, then ack.
+    DeadLetter {
+        rejection: Rejection,
+        body: Vec<u8>,
+        routing_key: String,
+        properties: BasicProperties,
+    },
+}
+
+struct Pump {
+    spec: QueueSpec,
+    channel: Channel,
+    dead_letters: Channel,
+    consumer_tag: String,
+    ingest: Ingest,
+    settings: Arc<Settings>,
+}
+
+impl Pump {
+    async fn run(
+        self,
+        mut deliveries: mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+        stop: CancellationToken,
+    ) -> Result<(), String> {
+        let (to_acker, acker_rx) = mpsc::unbounded_channel();
+        let acker = Acker {
+            channel: self.channel.clone(),
+            dead_letters: self.dead_letters.clone(),
+            queue: self.spec.queue.clone(),
+            dead_letter_exchange: self.settings.amqp.dead_letter_exchange.clone(),
+            store_retry: Duration::from_millis(self.settings.ingest.store_retry_ms),
+            pending_ack: None,
+            last_retry_pause: None,
+        };
+        let acker = tokio::spawn(acker.run(acker_rx));
+        let max_bytes = self.settings.ingest.max_message_bytes;
+        let queue = self.spec.queue.as_str();
+
+        let result = loop {
+            let message = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break Ok(()),
+                m = deliveries.recv() => m,
+            };
+            let Some(message) = message else {
+                break Err(format!("channel of {queue} closed"));
+            };
+            let (Some(deliver), Some(properties), Some(body)) =
+                (message.deliver, message.basic_properties, message.content)
+            else {
+                continue;
+            };
+            let tag = deliver.delivery_tag();
+            metrics::counter!("subgate_received_total", "queue" => queue.to_owned()).increment(1);
+            let routing_key = deliver.routing_key().clone();
+            let disposition = if body.len() > max_bytes {
+                Disposition::DeadLetter {
+                    rejection: Rejection::new(
+                        "too_large",
+                        format!(
+                            "{} bytes; ingest.max_message_bytes is {max_bytes}",
+                            body.len()
+                        ),
+                    ),
+                    body,
+                    routing_key,
+                    properties,
+                }
+            } else {
+                let decoded = self.spec.decoder.decode(&AmqpMessage {
+                    queue,
+                    exchange: deliver.exchange(),
+                    routing_key: &routing_key,
+                    redelivered: deliver.redelivered(),
+                    properties: &properties,
+                    body: &body,
+                });
+                match decoded {
+                    Ok(envelope) => match self.ingest.enqueue(envelope).await {
+                        Ok(reply) => Disposition::Commit {
+                            reply,
+                            routing_key,
+                            properties,
+                        },
+                        // Shutting down: leave it unacked; the broker redelivers it.
+                        Err(_) => break Ok(()),
+                    },
+                    Err(rejection) => Disposition::DeadLetter {
+                        rejection,
+                        body,
+                        routing_key,
+                        properties,
+                    },
+                }
+            };
+            if to_acker.send((tag, disposition)).is_err() {
+                break Err("acker stopped".to_owned());
+            }
+        };
+
+        // Stop the broker sending more; what it already sent stays unacked and is redelivered.
+        let _ = self
+            .channel
+            .basic_cancel(BasicCancelArguments::new(&self.consumer_tag))
+            .await;
+        drop(to_acker);
+        let acked = acker
+            .await
+            .unwrap_or_else(|e| Err(format!("acker failed: {e}")));
+        let _ = self.dead_letters.close().await;
+        let _ = self.channel.close().await;
+        result.and(acked)
+    }
+}
+
+struct Acker {
+    channel: Channel,
+    dead_letters: Channel,
+    queue: String,
+    dead_letter_exchange: String,
+    store_retry: Duration,
+    /// Highest delivery tag resolved (committed or dead-lettered) and not yet acked.
+    pending_ack: Option<u64>,
+    /// When the last pause before a requeue ended: one pause per outage, not per message.
+    last_retry_pause: Option<std::time::Instant>,
+}
+
+impl Acker {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<(u64, Disposition)>,
+    ) -> Result<(), String> {
+        loop {
+            let next = match rx.try_recv() {
+                Ok(item) => Some(item),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    self.flush().await?;
+                    rx.recv().await
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => None,
+            };
+            let Some((tag, disposition)) = next else {
+                break;
+            };
+            match disposition {
+                Disposition::Commit {
+                    mut reply,
+                    routing_key,
+                    properties,
+                } => {
+                    let result = match reply.try_recv() {
+                        Ok(result) => result,
+                        Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
+                            self.flush().await?;
+                            reply.await.unwrap_or(Err(IngestError::Closed))
+                        }
+                        Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                            Err(IngestError::Closed)
+                        }
+                    };
+                    match result {
+                        Ok(_) => self.pending_ack = Some(tag),
+                        Err(IngestError::Rejected { reason, raw }) => {
+                            let rejection = Rejection::new("rejected", reason);
+                            self.dead_letter(tag, &rejection, raw, &routing_key, properties)
+                                .await?;
+                        }
+                        Err(e @ (IngestError::Unavailable(_) | IngestError::Closed)) => {
+                            self.requeue(tag, &e.to_string()).await?;
+                        }
+                    }
+                }
+                Disposition::DeadLetter {
+                    rejection,
+                    body,
+                    routing_key,
+                    properties,
+                } => {
+                    self.dead_letter(tag, &rejection, body, &routing_key, properties)
+                        .await?;
+                }
+            }
+        }
+        self.flush().await
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        if let Some(tag) = self.pending_ack.take() {
+            self.channel
+                .basic_ack(BasicAckArguments::new(tag, true))
+                .await
+                .map_err(|e| format!("basic.ack on {}: {e}", self.queue))?;
+        }
+        Ok(())
+    }
+
+    async fn requeue(&mut self, tag: u64, reason: &str) -> Result<(), String> {
+        self.flush().await?;
+        let recently = self
+            .last_retry_pause
+            .is_some_and(|t| t.elapsed() < self.store_retry);
+        if !recently {
+            tracing::warn!(queue = %self.queue, %reason, "commit failed; requeueing after a pause");
+            tokio::time::sleep(self.store_retry).await;
+            self.last_retry_pause = Some(std::time::Instant::now());
+        }
+        metrics::counter!("subgate_requeued_total", "queue" => self.queue.clone()).increment(1);
+        self.channel
+            .basic_nack(BasicNackArguments::new(tag, false, true))
+            .await
+            .map_err(|e| format!("basic.nack on {}: {e}", self.queue))
+    }
+
+    async fn dead_letter(
+        &mut self,
+        tag: u64,
+        rejection: &Rejection,
+        body: Vec<u8>,
+        routing_key: &str,
+        original: BasicProperties,
+    ) -> Result<(), String> {
+        let mut headers = original.headers().cloned().unwrap_or_default();
+        headers.insert(field("x-subgate-error")?, text(&rejection.header()));
+        headers.insert(field("x-subgate-error-code")?, text(rejection.code));
+        headers.insert(field("x-subgate-queue")?, text(&self.queue));
+        headers.insert(field("x-subgate-routing-key")?, text(routing_key));
+        let mut properties = original;
+        properties.with_headers(headers).with_persistence(true);
+        self.dead_letters
+            .basic_publish(
+                properties,
+                body,
+                BasicPublishArguments::new(&self.dead_letter_exchange, &self.queue),
+            )
+            .await
+            .map_err(|e| format!("dead-letter publish: {e}"))?;
+        self.dead_letters
+            .tx_commit()
+            .await
+            .map_err(|e| format!("dead-letter tx.commit: {e}"))?;
+        tracing::warn!(queue = %self.queue, code = rejection.code, detail = %rejection.detail, "message dead-lettered");
+        metrics::counter!("subgate_dead_lettered_total", "queue" => self.queue.clone(), "reason" => rejection.code)
+            .increment(1);
+        self.pending_ack = Some(tag);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_url_parses_vhost_and_credentials() {
+        let a = BrokerAddress::parse("amqp://guest:p%40ss@127.0.0.1:5672/%2f").unwrap();
+        assert_eq!(a.host, "127.0.0.1");
+        assert_eq!(a.port, 5672);
+        assert_eq!(a.vhost, "/");
+        assert_eq!(a.password, "p@ss");
+        let b = BrokerAddress::parse("amqp://rabbit/prod").unwrap();
+        assert_eq!((b.port, b.vhost.as_str()), (5672, "prod"));
+        assert!(BrokerAddress::parse("amqps://h").is_err());
+        assert!(BrokerAddress::parse("amqp://h:notaport").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_within_bounds() {
+        let initial = Duration::from_millis(100);
+        let max = Duration::from_secs(5);
+        for attempt in 0..30 {
+            let d = backoff_delay(attempt, initial, max);
+            assert!(d >= initial && d <= max, "attempt {attempt}: {d:?}");
+        }
+        // The ceiling grows: with attempt 10 some draws exceed the attempt-0 ceiling.
+        assert!((0..200).any(|_| backoff_delay(10, initial, max) > Duration::from_millis(200)));
+    }
+}

@@ -1,0 +1,510 @@
+//! ERP push notifications (`../shared/seeds/000_…`): customer and subscription snapshots on two
+//! queues, decoded defensively (unknown properties kept, odd values flagged, never rejected for
+//! what the document calls forward-compatible).
+
+use serde_json::{Map, Number, Value};
+use sha2::{Digest, Sha256};
+
+use super::amqp::{AmqpMessage, Decoder, Rejection};
+use crate::{
+    envelope::{Applied, ApplyContext, ApplyError, Change, Envelope},
+    projection::apply_snapshot,
+    store::StoreTx,
+};
+
+pub const SOURCE: &str = "erp";
+/// Record kinds in the store.
+pub const CUSTOMER: &str = "erp.customer";
+pub const SUBSCRIPTION: &str = "erp.subscription";
+/// Link kind: subscription id → engaged-party (customer) id.
+pub const SUBSCRIPTION_PARTY: &str = "erp.subscription.party";
+
+/// The two ERP feeds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feed {
+    Customer,
+    Subscription,
+}
+
+impl Feed {
+    fn event_kind(self) -> &'static str {
+        match self {
+            Feed::Customer => "customer.changed",
+            Feed::Subscription => "subscription.changed",
+        }
+    }
+}
+
+/// Decoder for one ERP queue.
+pub struct ErpDecoder {
+    pub feed: Feed,
+}
+
+impl Decoder for ErpDecoder {
+    fn decode(&self, message: &AmqpMessage<'_>) -> Result<Envelope, Rejection> {
+        let object = parse_object(message.body)?;
+        let (entity, doc) = match self.feed {
+            Feed::Customer => decode_customer(object)?,
+            Feed::Subscription => decode_subscription(object)?,
+        };
+        let kind = self.feed.event_kind();
+        // The upstream's message-id identifies one message: a redelivery is a plain duplicate.
+        // Without it, the key is the content: redelivered bytes are recognised, but the same
+        // bytes after a different snapshot (A → B → A) are applied again by change detection.
+        let (dedupe_key, reapply) = match message.message_id() {
+            Some(id) => (format!("erp:{kind}:msg:{id}"), false),
+            None => (
+                format!(
+                    "erp:{kind}:{entity}:{}",
+                    hex::encode(Sha256::digest(message.body))
+                ),
+                true,
+            ),
+        };
+        let change = ErpSnapshot {
+            feed: self.feed,
+            entity: entity.clone(),
+            doc,
+            reapply,
+        };
+        Ok(Envelope {
+            source: SOURCE,
+            kind: kind.to_owned(),
+            entity,
+            dedupe_key,
+            occurred_at: message.timestamp_ms(),
+            received_at: crate::clock::now_ms(),
+            raw: message.body.to_vec(),
+            meta: message.meta(),
+            change: Box::new(change),
+        })
+    }
+}
+
+fn parse_object(body: &[u8]) -> Result<Map<String, Value>, Rejection> {
+    let text = std::str::from_utf8(body)
+        .map_err(|e| Rejection::new("not_utf8", format!("body is not UTF-8: {e}")))?;
+    match serde_json::from_str::<Value>(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(other) => Err(Rejection::new(
+            "not_an_object",
+            format!("body is a JSON {}, expected an object", json_type(&other)),
+        )),
+        Err(e) => Err(Rejection::new("not_json", format!("body is not JSON: {e}"))),
+    }
+}
+
+pub fn json_type(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+/// `id` as a string: a JSON string (trimmed, non-empty) or an integer kept as its decimal text.
+fn usable_id(object: &Map<String, Value>) -> Result<String, Rejection> {
+    match object.get("id") {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_owned()),
+        Some(Value::Number(n)) if is_integer(n) => Ok(n.to_string()),
+        Some(Value::String(_)) => Err(Rejection::new("missing_id", "`id` is an empty string")),
+        Some(other) => Err(Rejection::new(
+            "missing_id",
+            format!(
+                "`id` is a {}, expected a string or an integer",
+                json_type(other)
+            ),
+        )),
+        None => Err(Rejection::new("missing_id", "no `id` property")),
+    }
+}
+
+fn is_integer(n: &Number) -> bool {
+    let text = n.to_string();
+    let digits = text.strip_prefix('-').unwrap_or(&text);
+    !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// A scalar as text: strings as they are, numbers and booleans as their JSON text.
+fn scalar_text(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+const CUSTOMER_FIELDS: &[&str] = &["id", "status", "name", "contactMedium"];
+
+fn decode_customer(mut object: Map<String, Value>) -> Result<(String, Value), Rejection> {
+    let id = usable_id(&object)?;
+    let mut flags = Vec::new();
+    let status = object.get("status").cloned().unwrap_or(Value::Null);
+    let status_known = matches!(status.as_str(), Some("Active" | "Passive"));
+    if !status_known {
+        flags.push("unknown_status");
+        metrics::counter!("subgate_erp_unknown_status_total").increment(1);
+    }
+    let name = object.get("name").cloned().unwrap_or(Value::Null);
+    let contact_medium = match object.remove("contactMedium") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items.into_iter().map(contact_medium).collect(),
+        Some(single @ Value::Object(_)) => {
+            flags.push("contact_medium_not_an_array");
+            vec![contact_medium(single)]
+        }
+        Some(other) => {
+            flags.push("contact_medium_invalid");
+            vec![serde_json::json!({ "invalid": other })]
+        }
+    };
+    let extra: Map<String, Value> = object
+        .into_iter()
+        .filter(|(k, _)| !CUSTOMER_FIELDS.contains(&k.as_str()))
+        .collect();
+    let doc = serde_json::json!({
+        "id": id,
+        "status": status,
+        "status_known": status_known,
+        "name": name,
+        "contact_medium": contact_medium,
+        "extra": extra,
+        "flags": flags,
+    });
+    Ok((id, doc))
+}
+
+/// One `contactMedium` entry: its `characteristic` (every key kept, scalars as sent) and any
+/// other key of the entry.
+fn contact_medium(entry: Value) -> Value {
+    match entry {
+        Value::Object(mut map) => {
+            let characteristic = match map.remove("characteristic") {
+                Some(Value::Object(c)) => Value::Object(c),
+                None | Some(Value::Null) => Value::Object(Map::new()),
+                Some(other) => serde_json::json!({ "invalid": other }),
+            };
+            let mut out = Map::new();
+            out.insert("characteristic".into(), characteristic);
+            if !map.is_empty() {
+                out.insert("extra".into(), Value::Object(map));
+            }
+            Value::Object(out)
+        }
+        other => serde_json::json!({ "invalid": other }),
+    }
+}
+
+const SUBSCRIPTION_FIELDS: &[&str] = &[
+    "id",
+    "agreementType",
+    "documentNumber",
+    "name",
+    "status",
+    "completionDate",
+    "engagedParty",
+    "characteristic",
+    "properties",
+];
+
+fn decode_subscription(object: Map<String, Value>) -> Result<(String, Value), Rejection> {
+    let id = usable_id(&object)?;
+    let mut flags: Vec<String> = Vec::new();
+    let text_field = |key: &str| object.get(key).cloned().unwrap_or(Value::Null);
+
+    let completion = match object.get("completionDate") {
+        Some(Value::Object(c)) => serde_json::json!({
+            "start_date_time": c.get("startDateTime").cloned().unwrap_or(Value::Null),
+            "end_date_time": c.get("endDateTime").cloned().unwrap_or(Value::Null),
+        }),
+        None | Some(Value::Null) => Value::Null,
+        Some(_) => {
+            flags.push("completion_date_invalid".into());
+            Value::Null
+        }
+    };
+
+    let mut parties: Vec<String> = Vec::new();
+    match object.get("engagedParty") {
+        Some(Value::Array(items)) => {
+            for item in items {
+                match item.get("id").and_then(scalar_text) {
+                    Some(pid) if !pid.trim().is_empty() => {
+                        let pid = pid.trim().to_owned();
+                        if !parties.contains(&pid) {
+                            parties.push(pid);
+                        }
+                    }
+                    _ => flags.push("engaged_party_without_id".into()),
+                }
+            }
+        }
+        None | Some(Value::Null) => {}
+        Some(_) => flags.push("engaged_party_not_an_array".into()),
+    }
+
+    let bag = PropertyBag::read(&object, &mut flags);
+    let extra: Map<String, Value> = object
+        .iter()
+        .filter(|(k, _)| !SUBSCRIPTION_FIELDS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let doc = serde_json::json!({
+        "id": id,
+        "agreement_type": text_field("agreementType"),
+        "document_number": text_field("documentNumber"),
+        "name": text_field("name"),
+        "status": text_field("status"),
+        "completion_date": completion,
+        "engaged_party": parties,
+        "properties": bag.entries,
+        "duplicate_properties": bag.duplicates,
+        "extra": extra,
+        "flags": flags,
+    });
+    Ok((id, doc))
+}
+
+/// The subscription's property bag, read from both `characteristic` (the example) and
+/// `properties` (the warning), in that order; for a duplicate name the last entry wins.
+struct PropertyBag {
+    entries: Map<String, Value>,
+    duplicates: Vec<Value>,
+}
+
+impl PropertyBag {
+    fn read(object: &Map<String, Value>, flags: &mut Vec<String>) -> Self {
+        let mut bag = PropertyBag {
+            entries: Map::new(),
+            duplicates: Vec::new(),
+        };
+        for list in ["characteristic", "properties"] {
+            match object.get(list) {
+                Some(Value::Array(items)) => {
+                    for (index, item) in items.iter().enumerate() {
+                        bag.add(list, index, item, flags);
+                    }
+                }
+                None | Some(Value::Null) => {}
+                Some(_) => flags.push(format!("{list}_not_an_array")),
+            }
+        }
+        bag
+    }
+
+    fn add(&mut self, list: &str, index: usize, item: &Value, flags: &mut Vec<String>) {
+        let Some(name) = item
+            .get("name")
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+        else {
+            flags.push(format!("{list}[{index}]_without_name"));
+            return;
+        };
+        let value_type = item.get("valueType").cloned().unwrap_or(Value::Null);
+        let raw = item.get("value").cloned().unwrap_or(Value::Null);
+        let (typed, flag) = typed_value(value_type.as_str(), &raw);
+        let mut entry = Map::new();
+        entry.insert("value_type".into(), value_type);
+        entry.insert("value".into(), raw);
+        entry.insert("typed".into(), typed);
+        entry.insert("from".into(), Value::String(format!("{list}[{index}]")));
+        if let Some(flag) = flag {
+            entry.insert("flag".into(), Value::String(flag.into()));
+            flags.push(format!("{name}:{flag}"));
+        }
+        if let Some(previous) = self.entries.shift_remove(name) {
+            self.duplicates
+                .push(serde_json::json!({ "name": name, "replaced": previous }));
+            flags.push(format!("{name}:duplicate_name"));
+        }
+        self.entries.insert(name.to_owned(), Value::Object(entry));
+    }
+}
+
+/// The typed form of a bag value, or a flag saying why there is none. Numbers stay exact
+/// (serde_json keeps their decimal text; no float round-trip).
+fn typed_value(value_type: Option<&str>, raw: &Value) -> (Value, Option<&'static str>) {
+    let Some(text) = scalar_text(raw) else {
+        return if raw.is_null() {
+            (Value::Null, None)
+        } else {
+            (Value::Null, Some("unparseable_value"))
+        };
+    };
+    let text = text.trim();
+    let parsed = match value_type {
+        Some("String") => Some(Value::String(raw.as_str().map_or(text, |s| s).to_owned())),
+        Some("Date") => parse_date(text).map(Value::String),
+        Some("Float") => parse_decimal(text).map(Value::Number),
+        Some("Integer") => parse_integer(text).map(Value::Number),
+        Some("Boolean") => match text.to_ascii_lowercase().as_str() {
+            "true" | "1" => Some(Value::Bool(true)),
+            "false" | "0" => Some(Value::Bool(false)),
+            _ => None,
+        },
+        _ => return (Value::Null, Some("unknown_value_type")),
+    };
+    match parsed {
+        Some(v) => (v, None),
+        None => (Value::Null, Some("unparseable_value")),
+    }
+}
+
+/// ISO 8601 date or date-time → its normalised text (`2021-08-16`, or RFC 3339 for date-times).
+fn parse_date(text: &str) -> Option<String> {
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(text, "%Y-%m-%d") {
+        return Some(d.format("%Y-%m-%d").to_string());
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Some(t.to_rfc3339());
+    }
+    chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S%.f")
+        .ok()
+        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.f").to_string())
+}
+
+/// A decimal number kept exactly as written (`0.0` stays `0.0`).
+fn parse_decimal(text: &str) -> Option<Number> {
+    let finite = text.parse::<f64>().is_ok_and(f64::is_finite);
+    let plain = text
+        .bytes()
+        .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+' | b'e' | b'E'));
+    if !(finite && plain) {
+        return None;
+    }
+    serde_json::from_str::<Number>(text.trim_start_matches('+')).ok()
+}
+
+fn parse_integer(text: &str) -> Option<Number> {
+    text.parse::<i64>().ok().map(Number::from)
+}
+
+/// An ERP snapshot and how it projects.
+struct ErpSnapshot {
+    feed: Feed,
+    entity: String,
+    doc: Value,
+    reapply: bool,
+}
+
+impl Change for ErpSnapshot {
+    fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
+        match self.feed {
+            Feed::Customer => Ok(apply_snapshot(
+                tx,
+                CUSTOMER,
+                &self.entity,
+                self.doc.clone(),
+                ctx,
+            )?),
+            Feed::Subscription => {
+                let applied =
+                    apply_snapshot(tx, SUBSCRIPTION, &self.entity, self.doc.clone(), ctx)?;
+                if applied == Applied::Changed {
+                    let parties: Vec<String> = self.doc["engaged_party"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    tx.replace_links(SUBSCRIPTION_PARTY, &self.entity, &parties)?;
+                }
+                Ok(applied)
+            }
+        }
+    }
+
+    fn is_snapshot(&self) -> bool {
+        self.reapply
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(text: &str) -> Map<String, Value> {
+        parse_object(text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn numeric_customer_id_is_kept_as_its_decimal_text() {
+        let (id, doc) = decode_customer(obj(r#"{"id": 134719, "status": "Active"}"#)).unwrap();
+        assert_eq!(id, "134719");
+        assert_eq!(doc["id"], "134719");
+    }
+
+    #[test]
+    fn unusable_ids_are_rejected_with_missing_id() {
+        for body in [
+            r#"{"status":"Active"}"#,
+            r#"{"id":""}"#,
+            r#"{"id":1.5}"#,
+            r#"{"id":{}}"#,
+        ] {
+            let err = decode_customer(obj(body)).unwrap_err();
+            assert_eq!(err.code, "missing_id", "{body}");
+        }
+    }
+
+    #[test]
+    fn non_objects_and_non_json_are_rejected_with_their_reason() {
+        assert_eq!(parse_object(b"[1,2]").unwrap_err().code, "not_an_object");
+        assert_eq!(parse_object(b"{nope").unwrap_err().code, "not_json");
+        assert_eq!(parse_object(b"\xff\xfe").unwrap_err().code, "not_utf8");
+    }
+
+    #[test]
+    fn unknown_status_is_kept_and_flagged() {
+        let (_, doc) = decode_customer(obj(r#"{"id":"1","status":"Frozen","x":1}"#)).unwrap();
+        assert_eq!(doc["status"], "Frozen");
+        assert_eq!(doc["status_known"], false);
+        assert_eq!(doc["extra"]["x"], 1);
+        assert_eq!(doc["flags"][0], "unknown_status");
+    }
+
+    #[test]
+    fn typed_values_cover_every_value_type() {
+        let cases = [
+            ("String", r#""abc""#, r#""abc""#, None),
+            ("Date", r#""2021-08-16""#, r#""2021-08-16""#, None),
+            ("Float", r#""0.0""#, "0.0", None),
+            ("Float", r#""12.50""#, "12.50", None),
+            ("Float", r#""abc""#, "null", Some("unparseable_value")),
+            ("Integer", r#""42""#, "42", None),
+            ("Integer", r#""4.2""#, "null", Some("unparseable_value")),
+            ("Boolean", r#""true""#, "true", None),
+            ("Boolean", "false", "false", None),
+            ("Money", r#""1""#, "null", Some("unknown_value_type")),
+            ("Date", r#""16/08/2021""#, "null", Some("unparseable_value")),
+        ];
+        for (ty, raw, typed, flag) in cases {
+            let raw: Value = serde_json::from_str(raw).unwrap();
+            let (got, got_flag) = typed_value(Some(ty), &raw);
+            assert_eq!(serde_json::to_string(&got).unwrap(), typed, "{ty} {raw}");
+            assert_eq!(got_flag, flag, "{ty} {raw}");
+        }
+    }
+
+    #[test]
+    fn property_bag_reads_both_lists_and_the_last_duplicate_wins() {
+        let (_, doc) = decode_subscription(obj(
+            r#"{"id":"9","characteristic":[{"name":"A","valueType":"String","value":"one"}],
+                "properties":[{"name":"A","valueType":"String","value":"two"},
+                              {"name":"B","valueType":"Integer","value":"7"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(doc["properties"]["A"]["typed"], "two");
+        assert_eq!(doc["properties"]["A"]["from"], "properties[0]");
+        assert_eq!(doc["properties"]["B"]["typed"], 7);
+        assert_eq!(doc["duplicate_properties"][0]["name"], "A");
+        assert_eq!(doc["duplicate_properties"][0]["replaced"]["value"], "one");
+    }
+}

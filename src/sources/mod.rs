@@ -1,0 +1,7 @@
+//! Sources: adapters that decode one upstream's wire format into [`crate::envelope::Envelope`]s.
+//!
+//! - [`amqp`]: the supervised AMQP consumer every queue-based source plugs into;
+//! - [`erp`]: the ERP customer and subscription snapshots.
+
+pub mod amqp;
+pub mod erp;

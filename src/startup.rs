@@ -1,0 +1,176 @@
+//! Startup wiring, in one place: store → migrations → ingest writer → sources → HTTP.
+//! [`Application::build`] binds the listener first, so tests can ask for port 0 and read the
+//! real port back before running.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    config::Settings,
+    health::Health,
+    http::{self, AppState},
+    ingest::{self, Ingest, IngestWriter},
+    sources::{
+        amqp::{AmqpConsumer, QueueSpec},
+        erp::{ErpDecoder, Feed},
+    },
+    store::{self, Store},
+    telemetry,
+};
+
+pub struct Application {
+    settings: Arc<Settings>,
+    listener: TcpListener,
+    state: AppState,
+    /// The queues to consume; the consumer owns one connection for all of them.
+    queues: Vec<QueueSpec>,
+    /// The group-commit writer; joined last, after every ingest handle is dropped.
+    writer: IngestWriter,
+}
+
+/// The AMQP queues every enabled source consumes.
+pub fn queue_specs(settings: &Settings) -> Vec<QueueSpec> {
+    let mut specs = Vec::new();
+    if settings.erp.enabled {
+        for (queue, feed) in [
+            (&settings.erp.customer_queue, Feed::Customer),
+            (&settings.erp.subscription_queue, Feed::Subscription),
+        ] {
+            specs.push(QueueSpec {
+                queue: queue.clone(),
+                declare: settings.erp.declare,
+                exchange: None,
+                decoder: Arc::new(ErpDecoder { feed }),
+            });
+        }
+    }
+    specs
+}
+
+/// Open the store named by the settings and apply migrations if asked to.
+pub fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Arc<dyn Store>> {
+    let store = store::open(settings).context("cannot open the store")?;
+    if migrate {
+        let applied = store.migrate().context("migrations failed")?;
+        if applied > 0 {
+            tracing::info!(applied, "migrations applied");
+        }
+    }
+    Ok(store)
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
+        let store = open_store(&settings, settings.store.migrate_on_start)?;
+        let listener = TcpListener::bind(settings.http.addr)
+            .await
+            .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
+        let (ingest, writer) = ingest::start(
+            store.clone(),
+            &settings.ingest,
+            tokio::runtime::Handle::current(),
+        );
+        let health = Health::default();
+        let queues = queue_specs(&settings);
+        for q in &queues {
+            health.set(&q.component(), false, "connecting");
+        }
+        let state = AppState {
+            settings: settings.clone(),
+            store,
+            ingest,
+            health,
+            metrics: telemetry::metrics_handle(),
+        };
+        Ok(Self {
+            settings,
+            listener,
+            state,
+            queues,
+            writer,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.settings.http.addr)
+    }
+
+    pub fn ingest(&self) -> Ingest {
+        self.state.ingest.clone()
+    }
+
+    /// Serve until `shutdown` is cancelled, then drain: stop consuming, let in-flight events
+    /// commit and be acked or answered, stop the writer. Gives up after `shutdown.timeout`.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Application {
+            settings,
+            listener,
+            state,
+            queues,
+            writer,
+        } = self;
+        let health = state.health.clone();
+        tracing::info!(addr = %listener.local_addr()?, store = %crate::config::redact_url(&settings.store.url), "subgate serving");
+
+        let upkeep = {
+            let handle = state.metrics.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(5)) => handle.run_upkeep(),
+                    }
+                }
+            })
+        };
+
+        let consumer = AmqpConsumer {
+            settings: settings.clone(),
+            specs: queues,
+            ingest: state.ingest.clone(),
+            health: health.clone(),
+        };
+        let consumer = tokio::spawn(consumer.run(shutdown.clone()));
+
+        let app = http::router(state);
+        let server_stop = shutdown.clone();
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { server_stop.cancelled().await })
+                .await
+        });
+
+        shutdown.cancelled().await;
+        health.start_draining();
+        tracing::info!("shutting down: draining in-flight events");
+        let drain = async {
+            let _ = consumer.await;
+            let served = server.await;
+            let _ = upkeep.await;
+            // Every ingest handle is gone now; the writer commits what is queued and stops.
+            tokio::task::spawn_blocking(move || writer.join())
+                .await
+                .ok();
+            served
+        };
+        match tokio::time::timeout(settings.shutdown.timeout, drain).await {
+            Ok(Ok(Ok(()))) => {
+                tracing::info!("shutdown complete");
+                Ok(())
+            }
+            Ok(Ok(Err(e))) => Err(anyhow::anyhow!("HTTP server failed: {e}")),
+            Ok(Err(e)) => Err(anyhow::anyhow!("HTTP server task failed: {e}")),
+            Err(_) => Err(anyhow::anyhow!(
+                "shutdown.timeout ({}) elapsed before in-flight events were drained",
+                crate::config::format_duration(&settings.shutdown.timeout)
+            )),
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The store: one trait, one module per backend (SQL per dialect, embedded migrations).
+//!
+//! The state model is deliberately small and backend-neutral so every source's projection is
+//! written once, in Rust, against [`StoreTx`]:
+//! - `inbox`: every accepted event as received (raw bytes), unique by dedupe key;
+//! - `records`: the current state of each entity, `(kind, key) → JSON document` with its content
+//!   hash (change detection), the time it describes (`occurred_at`, staleness guard) and the inbox
+//!   event that last changed it;
+//! - `links`: relations between entities (a subscription's engaged parties, a card's member);
+//! - `history`: append-only timelines (consent changes, service-order notifications, …).
+
+pub mod sqlite;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::config::{Settings, StoreUrl};
+
+/// Errors at the store boundary. `Unavailable` is transient (retry later, never ack);
+/// `Failed` is specific to the statement that raised it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    #[error("store error: {0}")]
+    Failed(String),
+}
+
+impl StoreError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// An event as it enters the inbox.
+#[derive(Debug, Clone)]
+pub struct InboxEntry<'a> {
+    pub source: &'a str,
+    pub kind: &'a str,
+    pub entity: &'a str,
+    pub dedupe_key: &'a str,
+    /// Unix milliseconds the event describes, when the upstream says.
+    pub occurred_at: Option<i64>,
+    /// Unix milliseconds subgate received it.
+    pub received_at: i64,
+    /// Transport metadata (AMQP properties, HTTP request id, …) as JSON.
+    pub meta: &'a Value,
+    pub raw: &'a [u8],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InboxInsert {
+    /// First time this dedupe key is seen: the new inbox id.
+    New(i64),
+    /// Seen before: the id of the first occurrence.
+    Duplicate(i64),
+}
+
+/// A stored inbox event (read API).
+#[derive(Debug, Clone, Serialize)]
+pub struct InboxEvent {
+    pub id: i64,
+    pub source: String,
+    pub kind: String,
+    pub entity: String,
+    pub dedupe_key: String,
+    pub occurred_at: Option<i64>,
+    pub received_at: i64,
+    pub outcome: String,
+    pub meta: Value,
+    #[serde(skip)]
+    pub raw: Vec<u8>,
+}
+
+/// The current state of one entity.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Record {
+    pub kind: String,
+    pub key: String,
+    pub doc: Value,
+    /// Hex SHA-256 of the canonical document: equal hash, no change.
+    pub hash: String,
+    /// Unix ms of the newest event applied (the staleness guard), when known.
+    pub occurred_at: Option<i64>,
+    /// Unix ms and inbox id of the last real change.
+    pub changed_at: i64,
+    pub changed_by: i64,
+    /// Unix ms and inbox id of the last event about this entity (changes and no-ops).
+    pub seen_at: i64,
+    pub seen_by: i64,
+    /// Incremented on every real change.
+    pub version: i64,
+}
+
+/// One entry of an append-only timeline.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct HistoryEntry {
+    pub kind: String,
+    pub key: String,
+    /// Unix ms the entry is about (used for range queries).
+    pub at: i64,
+    pub inbox_id: i64,
+    pub doc: Value,
+}
+
+/// Operations available to projections inside the ingest transaction.
+pub trait StoreTx {
+    fn insert_inbox(&mut self, entry: &InboxEntry<'_>) -> Result<InboxInsert, StoreError>;
+    fn set_inbox_outcome(&mut self, id: i64, outcome: &str) -> Result<(), StoreError>;
+    fn get_record(&mut self, kind: &str, key: &str) -> Result<Option<Record>, StoreError>;
+    fn put_record(&mut self, record: &Record) -> Result<(), StoreError>;
+    /// Make `from`'s links of this kind exactly `to`.
+    fn replace_links(&mut self, kind: &str, from: &str, to: &[String]) -> Result<(), StoreError>;
+    fn append_history(&mut self, entry: &HistoryEntry) -> Result<(), StoreError>;
+    /// Nested transaction, so one event's failure does not abort its batch.
+    fn savepoint(&mut self) -> Result<(), StoreError>;
+    fn release_savepoint(&mut self) -> Result<(), StoreError>;
+    fn rollback_to_savepoint(&mut self) -> Result<(), StoreError>;
+}
+
+/// Counts of what the store holds (ops and tests).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct InboxStats {
+    pub events: i64,
+    pub distinct_dedupe_keys: i64,
+}
+
+/// A backend. Methods block; async callers use `spawn_blocking`. Writes go through
+/// [`Store::write`], which runs `f` in one transaction (`BEGIN IMMEDIATE` on SQLite).
+pub trait Store: Send + Sync + 'static {
+    /// Apply pending migrations; returns how many were applied.
+    fn migrate(&self) -> Result<usize, StoreError>;
+    fn write(
+        &self,
+        f: &mut dyn FnMut(&mut dyn StoreTx) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+    fn get_record(&self, kind: &str, key: &str) -> Result<Option<Record>, StoreError>;
+    /// Keys `from` such that `from → to` is a link of `kind`.
+    fn links_to(&self, kind: &str, to: &str) -> Result<Vec<String>, StoreError>;
+    fn links_from(&self, kind: &str, from: &str) -> Result<Vec<String>, StoreError>;
+    fn history(&self, kind: &str, key: &str, limit: usize)
+        -> Result<Vec<HistoryEntry>, StoreError>;
+    /// Entries of `kind` with `from <= at < to`, oldest first.
+    fn history_between(
+        &self,
+        kind: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError>;
+    fn inbox_event(&self, id: i64) -> Result<Option<InboxEvent>, StoreError>;
+    fn inbox_stats(&self, source: Option<&str>) -> Result<InboxStats, StoreError>;
+    /// Cheap liveness check for `/readyz`.
+    fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Open the backend `store.url` names.
+pub fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, StoreError> {
+    match StoreUrl::parse(&settings.store.url).map_err(|e| StoreError::Failed(e.to_string()))? {
+        StoreUrl::Sqlite(path) => Ok(std::sync::Arc::new(sqlite::SqliteStore::open(
+            &path,
+            settings.store.sqlite_synchronous,
+        )?)),
+        StoreUrl::Postgres(_) => Err(StoreError::Failed(
+            "store.url: the PostgreSQL backend is not built yet; use sqlite://PATH".into(),
+        )),
+    }
+}
+
+/// Hex SHA-256 of a JSON document's serialisation (change detection).
+pub fn content_hash(doc: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let bytes = serde_json::to_vec(doc).unwrap_or_default();
+    hex::encode(Sha256::digest(&bytes))
+}
