@@ -43,6 +43,7 @@ pub struct Settings {
     pub ingest: IngestSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
+    pub consent: ConsentSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -119,6 +120,12 @@ pub struct LogSettings {
 pub enum LogFormat {
     Json,
     Pretty,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsentSettings {
+    pub default_region: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -224,6 +231,8 @@ impl Settings {
         if self.http.body_limit_bytes == 0 {
             return Err(invalid("http.body_limit_bytes", "must be at least 1"));
         }
+        crate::consent::Normaliser::new(&self.consent.default_region)
+            .map_err(|m| invalid("consent.default_region", m))?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())

@@ -155,7 +155,8 @@ fn run_writer(
                     if left.is_zero() {
                         break;
                     }
-                    match runtime.block_on(tokio::time::timeout(left, rx.recv())) {
+                    // The timer must be created inside the runtime, hence the async block.
+                    match runtime.block_on(async { tokio::time::timeout(left, rx.recv()).await }) {
                         Ok(Some(job)) => batch.push(job),
                         Ok(None) | Err(_) => break,
                     }

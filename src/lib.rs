@@ -4,6 +4,7 @@
 //! - [`sources`]: adapters that decode one upstream's wire format into [`envelope::Envelope`]s
 //!   ([`sources::amqp`] is the supervised consumer every queue-based source plugs into);
 //! - [`ingest`]: the one writer path; group commit of inbox insert → dedupe → projection;
+//! - [`consent`]: the consent ledger shared by every source;
 //! - [`projection`]: shared building blocks of projections (change detection, staleness);
 //! - [`store`]: the `Store` trait and its backends (SQLite now);
 //! - [`http`]: the router: ops routes, the read API, HTTP sources;
@@ -13,6 +14,7 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod consent;
 pub mod envelope;
 pub mod health;
 pub mod http;

@@ -1,0 +1,255 @@
+//! Test harness: spawn the real application in-process on a random port with its own SQLite
+//! file and its own queue names, against the real RabbitMQ on this machine.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use amqprs::{
+    channel::{
+        BasicGetArguments, BasicPublishArguments, Channel, QueueDeclareArguments,
+        QueueDeleteArguments, QueuePurgeArguments,
+    },
+    connection::{Connection, OpenConnectionArguments},
+    BasicProperties, FieldTable,
+};
+use subgate::{
+    config::{ConfigSource, Settings},
+    startup::Application,
+    store::Store,
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// A unique name for queues, files, … (tests run in parallel, and leftovers of earlier runs
+/// must not interfere).
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "test-{prefix}-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    )
+}
+
+pub fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(unique(prefix));
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// Settings for a test app: port 0, its own database, ERP consumers off unless the test
+/// turns them on; `overrides` are `SUBGATE__…`-style (`"erp.enabled"`, `"true"`).
+pub fn test_settings(dir: &std::path::Path, overrides: &[(&str, &str)]) -> Settings {
+    let mut env = vec![
+        ("SUBGATE__HTTP__ADDR".to_string(), "127.0.0.1:0".to_string()),
+        (
+            "SUBGATE__STORE__URL".to_string(),
+            format!("sqlite://{}", dir.join("subgate.db").display()),
+        ),
+        ("SUBGATE__ERP__ENABLED".to_string(), "false".to_string()),
+        (
+            "SUBGATE__AMQP__RECONNECT_INITIAL_MS".to_string(),
+            "100".to_string(),
+        ),
+        (
+            "SUBGATE__AMQP__RECONNECT_MAX_MS".to_string(),
+            "1000".to_string(),
+        ),
+        ("SUBGATE__SHUTDOWN__TIMEOUT".to_string(), "20s".to_string()),
+    ];
+    for (key, value) in overrides {
+        env.push((
+            format!("SUBGATE__{}", key.replace('.', "__").to_ascii_uppercase()),
+            value.to_string(),
+        ));
+    }
+    Settings::load(&ConfigSource { file: None, env }).expect("test settings are valid")
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub settings: Settings,
+    pub dir: PathBuf,
+    pub shutdown: CancellationToken,
+    pub handle: JoinHandle<anyhow::Result<()>>,
+}
+
+pub async fn spawn_app(overrides: &[(&str, &str)]) -> TestApp {
+    let dir = temp_dir("app");
+    spawn_app_in(dir, overrides).await
+}
+
+pub async fn spawn_app_in(dir: PathBuf, overrides: &[(&str, &str)]) -> TestApp {
+    let settings = test_settings(&dir, overrides);
+    let app = Application::build(settings.clone())
+        .await
+        .expect("application builds");
+    let addr = app.local_addr();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+        settings,
+        dir,
+        shutdown,
+        handle,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Wait until `/readyz` answers 200 (consumers connected).
+    pub async fn wait_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = self.http.get(self.url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "app not ready within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, serde_json::Value) {
+        let r = self
+            .http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET succeeds");
+        let status = r.status().as_u16();
+        let body = r.json().await.unwrap_or(serde_json::Value::Null);
+        (status, body)
+    }
+
+    /// A separate handle on the same database, to assert on rows directly.
+    pub fn store(&self) -> std::sync::Arc<dyn Store> {
+        subgate::store::open(&self.settings).expect("store opens")
+    }
+
+    /// Graceful stop; returns what `run_until_stopped` returned.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.await.expect("app task joins")
+    }
+}
+
+/// Poll `f` until it returns `Some`, or panic after `secs` seconds.
+pub async fn eventually<T, F, Fut>(secs: u64, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {secs} s waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A publisher/inspector on the real broker.
+pub struct Broker {
+    pub connection: Connection,
+    pub channel: Channel,
+}
+
+impl Broker {
+    pub async fn connect() -> Self {
+        let args = OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest");
+        let connection = Connection::open(&args)
+            .await
+            .expect("RabbitMQ on 127.0.0.1:5672");
+        let channel = connection.open_channel(None).await.expect("channel");
+        channel.tx_select().await.expect("tx.select");
+        Broker {
+            connection,
+            channel,
+        }
+    }
+
+    /// Publish persistent messages to the default exchange (queue by name), committed in one
+    /// transaction, with optional properties per message.
+    pub async fn publish_all(&self, queue: &str, messages: Vec<(Vec<u8>, BasicProperties)>) {
+        for chunk in messages.chunks(1000) {
+            for (body, props) in chunk {
+                let mut props = props.clone();
+                props.with_persistence(true);
+                self.channel
+                    .basic_publish(props, body.clone(), BasicPublishArguments::new("", queue))
+                    .await
+                    .expect("publish");
+            }
+            self.channel.tx_commit().await.expect("tx.commit");
+        }
+    }
+
+    pub async fn publish(&self, queue: &str, body: &[u8]) {
+        self.publish_all(queue, vec![(body.to_vec(), BasicProperties::default())])
+            .await;
+    }
+
+    pub async fn publish_with(&self, queue: &str, body: &[u8], props: BasicProperties) {
+        self.publish_all(queue, vec![(body.to_vec(), props)]).await;
+    }
+
+    /// Ready messages in a queue (passive declare).
+    pub async fn message_count(&self, queue: &str) -> u32 {
+        let ch = self.connection.open_channel(None).await.expect("channel");
+        let (_, count, _) = ch
+            .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+            .await
+            .expect("queue exists")
+            .expect("declare-ok");
+        let _ = ch.close().await;
+        count
+    }
+
+    /// Take one message (auto-ack) with its properties.
+    pub async fn get(&self, queue: &str) -> Option<(BasicProperties, Vec<u8>)> {
+        let ch = self.connection.open_channel(None).await.expect("channel");
+        let got = ch
+            .basic_get(BasicGetArguments::new(queue).no_ack(true).finish())
+            .await
+            .expect("basic.get");
+        let _ = ch.close().await;
+        got.map(|(_, props, body)| (props, body))
+    }
+
+    pub async fn delete_queues(&self, queues: &[String]) {
+        let ch = self.connection.open_channel(None).await.expect("channel");
+        for q in queues {
+            let _ = ch.queue_purge(QueuePurgeArguments::new(q)).await;
+            let _ = ch.queue_delete(QueueDeleteArguments::new(q)).await;
+        }
+        let _ = ch.close().await;
+    }
+}
+
+/// The value of a string header.
+pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
+    let table: &FieldTable = props.headers()?;
+    table
+        .as_ref()
+        .iter()
+        .find(|(k, _)| k.as_ref() as &str == name)
+        .map(|(_, v)| match v {
+            amqprs::FieldValue::S(s) => s.to_string(),
+            other => format!("{other:?}"),
+        })
+}
