@@ -21,6 +21,7 @@ pub mod http;
 pub mod ingest;
 pub mod openapi;
 pub mod projection;
+pub mod rate_limit;
 pub mod sources;
 pub mod startup;
 pub mod store;

@@ -1,5 +1,6 @@
 //! HTTP: one router with the ops routes, the read API, and (later) each HTTP source's routes.
 
+pub mod auth;
 mod error;
 mod ops;
 mod read_api;

@@ -1,0 +1,129 @@
+//! Credentials on HTTP requests: parsing `Authorization` and comparing secrets in constant time.
+//! Secrets never reach logs: callers log only which credential (user name) matched.
+
+use base64::Engine;
+
+/// What an `Authorization` header carries.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presented {
+    Basic { user: String, password: String },
+    Bearer(String),
+}
+
+/// Why a header could not be read as a credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthHeaderError {
+    Missing,
+    Malformed,
+}
+
+/// Parse `Authorization: Basic base64(user:password)` or `Authorization: Bearer token`.
+pub fn parse_authorization(value: Option<&str>) -> Result<Presented, AuthHeaderError> {
+    let value = value.map(str::trim).filter(|v| !v.is_empty());
+    let Some(value) = value else {
+        return Err(AuthHeaderError::Missing);
+    };
+    let (scheme, rest) = value.split_once(' ').ok_or(AuthHeaderError::Malformed)?;
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .map_err(|_| AuthHeaderError::Malformed)?;
+        let text = String::from_utf8(decoded).map_err(|_| AuthHeaderError::Malformed)?;
+        let (user, password) = text.split_once(':').ok_or(AuthHeaderError::Malformed)?;
+        Ok(Presented::Basic {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        })
+    } else if scheme.eq_ignore_ascii_case("bearer") && !rest.is_empty() {
+        Ok(Presented::Bearer(rest.to_owned()))
+    } else {
+        Err(AuthHeaderError::Malformed)
+    }
+}
+
+/// Compare two secrets without an early exit on the first differing byte.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
+    for i in 0..a.len().max(b.len()) {
+        let x = a.get(i).copied().unwrap_or(0);
+        let y = b.get(i).copied().unwrap_or(0);
+        diff |= x ^ y;
+    }
+    diff == 0
+}
+
+/// A configured secret string that never prints.
+#[derive(Clone, serde::Deserialize, serde::Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    /// `***` when set, empty when not: for `config print`.
+    pub fn redacted(&self) -> Secret {
+        if self.0.is_empty() {
+            Secret(String::new())
+        } else {
+            Secret("***".into())
+        }
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_and_bearer_headers_parse() {
+        // "user:pa:ss" — the password may contain a colon.
+        let b64 = base64::engine::general_purpose::STANDARD.encode("user:pa:ss");
+        assert_eq!(
+            parse_authorization(Some(&format!("Basic {b64}"))),
+            Ok(Presented::Basic {
+                user: "user".into(),
+                password: "pa:ss".into()
+            })
+        );
+        assert_eq!(
+            parse_authorization(Some("Bearer abc")),
+            Ok(Presented::Bearer("abc".into()))
+        );
+        assert_eq!(parse_authorization(None), Err(AuthHeaderError::Missing));
+        assert_eq!(
+            parse_authorization(Some("Basic !!!")),
+            Err(AuthHeaderError::Malformed)
+        );
+        assert_eq!(
+            parse_authorization(Some("Digest x")),
+            Err(AuthHeaderError::Malformed)
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_compares_contents_and_lengths() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret1"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+
+    #[test]
+    fn secrets_do_not_print() {
+        let s = Secret::new("hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert_eq!(s.redacted().expose(), "***");
+    }
+}
