@@ -80,6 +80,7 @@ pub struct AmqpSettings {
     pub reconnect_initial_ms: u64,
     pub reconnect_max_ms: u64,
     pub heartbeat_secs: u16,
+    pub connection_name: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

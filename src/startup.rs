@@ -64,8 +64,16 @@ pub fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Arc<dyn 
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let settings = Arc::new(settings);
         let store = open_store(&settings, settings.store.migrate_on_start)?;
+        Self::build_with_store(settings, store).await
+    }
+
+    /// Build around an already opened (and migrated) store.
+    pub async fn build_with_store(
+        settings: Settings,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Self> {
+        let settings = Arc::new(settings);
         let listener = TcpListener::bind(settings.http.addr)
             .await
             .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;

@@ -283,7 +283,7 @@ impl AmqpConsumer {
         )
         .virtual_host(&address.vhost)
         .heartbeat(self.settings.amqp.heartbeat_secs)
-        .connection_name("subgate")
+        .connection_name(&self.settings.amqp.connection_name)
         .finish();
         let connection = Connection::open(&args)
             .await

@@ -253,3 +253,62 @@ pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
             other => format!("{other:?}"),
         })
 }
+
+/// Close, from the broker side, every AMQP connection whose `connection_name` is `name`
+/// (blocking: runs `rabbitmqctl`). Returns how many were closed.
+pub fn close_broker_connections(name: &str) -> usize {
+    let listing = std::process::Command::new("rabbitmqctl")
+        .args(["list_connections", "-q", "pid", "client_properties"])
+        .output()
+        .expect("rabbitmqctl runs");
+    let text = String::from_utf8_lossy(&listing.stdout);
+    let needle = format!("\"{name}\"");
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(&needle)) {
+        let Some(pid) = line.split_whitespace().next() else {
+            continue;
+        };
+        let status = std::process::Command::new("rabbitmqctl")
+            .args(["close_connection", pid, "closed by test"])
+            .status()
+            .expect("rabbitmqctl runs");
+        if status.success() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+/// Spawn the app around a given store (for fault injection).
+pub async fn spawn_app_with_store(
+    dir: PathBuf,
+    overrides: &[(&str, &str)],
+    store: std::sync::Arc<dyn Store>,
+) -> TestApp {
+    let settings = test_settings(&dir, overrides);
+    let app = Application::build_with_store(settings.clone(), store)
+        .await
+        .expect("application builds");
+    let addr = app.local_addr();
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
+    TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        http: reqwest::Client::new(),
+        settings,
+        dir,
+        shutdown,
+        handle,
+    }
+}
+
+/// Run a blocking store query from a test.
+pub async fn query<T: Send + 'static>(
+    store: std::sync::Arc<dyn Store>,
+    f: impl FnOnce(&dyn Store) -> T + Send + 'static,
+) -> T {
+    tokio::task::spawn_blocking(move || f(store.as_ref()))
+        .await
+        .expect("query task")
+}
