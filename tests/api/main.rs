@@ -6,3 +6,4 @@ mod erp;
 #[allow(dead_code)]
 mod helpers;
 mod ops;
+mod resilience;

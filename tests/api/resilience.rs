@@ -1,0 +1,294 @@
+//! Nothing lost, nothing applied twice: 10,000-message streams interrupted by the broker, by
+//! `kill -9` and by SIGTERM.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use amqprs::BasicProperties;
+use serde_json::json;
+use subgate::store::Store;
+
+use crate::{
+    erp::ErpQueues,
+    helpers::{
+        close_broker_connections, eventually, query, spawn_app, temp_dir, test_settings, unique,
+        Broker,
+    },
+};
+
+const MESSAGES: usize = 10_000;
+
+fn stream(prefix: &str, with_message_ids: bool) -> Vec<(Vec<u8>, BasicProperties)> {
+    (0..MESSAGES)
+        .map(|i| {
+            let body = json!({
+                "id": format!("{prefix}{i}"),
+                "status": if i % 7 == 0 { "Passive" } else { "Active" },
+                "name": format!("Müşteri {i} Çağlar Şahin"),
+                "contactMedium": [{ "characteristic": {
+                    "city": "İSTANBUL(Anadolu)", "country": "Türkiye",
+                    "phoneNumber": format!("53{i:08}"), "street1": "içerenköy" } }]
+            })
+            .to_string()
+            .into_bytes();
+            let mut props = BasicProperties::default();
+            if with_message_ids {
+                props.with_message_id(&format!("{prefix}-msg-{i}"));
+            }
+            (body, props)
+        })
+        .collect()
+}
+
+async fn erp_events(store: std::sync::Arc<dyn Store>) -> (i64, i64) {
+    query(store, |s| {
+        let stats = s.inbox_stats(Some("erp")).expect("stats");
+        (stats.events, stats.distinct_dedupe_keys)
+    })
+    .await
+}
+
+/// Every message of the stream is in the store exactly once: one inbox event each, one
+/// record each, at version 1.
+async fn assert_exactly_once(store: std::sync::Arc<dyn Store>, prefix: &str) {
+    let (events, distinct) = erp_events(store.clone()).await;
+    assert_eq!(events, MESSAGES as i64, "one inbox event per message");
+    assert_eq!(distinct, MESSAGES as i64);
+    let prefix = prefix.to_owned();
+    let versions = query(store, move |s| {
+        (0..MESSAGES)
+            .map(|i| {
+                s.get_record("erp.customer", &format!("{prefix}{i}"))
+                    .expect("read")
+                    .map(|r| r.version)
+            })
+            .collect::<Vec<_>>()
+    })
+    .await;
+    let missing = versions.iter().filter(|v| v.is_none()).count();
+    let reapplied = versions.iter().filter(|v| **v > Some(1)).count();
+    assert_eq!(
+        (missing, reapplied),
+        (0, 0),
+        "none lost, none applied twice"
+    );
+}
+
+#[tokio::test]
+async fn broker_closing_the_connection_mid_stream_loses_and_duplicates_nothing() {
+    let queues = ErpQueues::new();
+    let name = unique("conn");
+    // A small prefetch and a batch wait slow the stream to a few thousand messages a second, so
+    // the close (rabbitmqctl takes a second or two) lands mid-stream.
+    let app = spawn_app(&queues.overrides(&[
+        ("amqp.connection_name", name.as_str()),
+        ("amqp.prefetch", "50"),
+        ("ingest.batch_wait_ms", "20"),
+    ]))
+    .await;
+    app.wait_ready().await;
+    let broker = Broker::connect().await;
+    broker
+        .publish_all(&queues.customers, stream("c", false))
+        .await;
+
+    let store = app.store();
+    eventually(60, "a part of the stream committed", || async {
+        (erp_events(store.clone()).await.0 > 200).then_some(())
+    })
+    .await;
+    let closed = tokio::task::spawn_blocking(move || close_broker_connections(&name))
+        .await
+        .unwrap();
+    assert_eq!(closed, 1);
+    let (events_at_close, _) = erp_events(store.clone()).await;
+    assert!(
+        events_at_close < MESSAGES as i64,
+        "the close happened mid-stream"
+    );
+
+    eventually(120, "the whole stream", || async {
+        (erp_events(store.clone()).await.0 >= MESSAGES as i64
+            && broker.message_count(&queues.customers).await == 0)
+            .then_some(())
+    })
+    .await;
+    app.stop().await.unwrap();
+    assert_exactly_once(store, "c").await;
+    assert_eq!(broker.message_count(&queues.customers).await, 0);
+    broker.delete_queues(&queues.all()).await;
+}
+
+/// `subgate serve` as a separate process.
+struct Subgate {
+    child: Child,
+    base: String,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl Subgate {
+    fn start(dir: &Path, overrides: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_subgate"));
+        cmd.arg("serve")
+            .env("SUBGATE__HTTP__ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "SUBGATE__STORE__URL",
+                format!("sqlite://{}", dir.join("subgate.db").display()),
+            )
+            .env("SUBGATE__LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        for (k, v) in overrides {
+            cmd.env(
+                format!("SUBGATE__{}", k.replace('.', "__").to_ascii_uppercase()),
+                v,
+            );
+        }
+        let child = cmd.spawn().expect("subgate binary starts");
+        Subgate {
+            child,
+            base: format!("http://127.0.0.1:{port}"),
+        }
+    }
+
+    async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        let url = format!("{}/readyz", self.base);
+        eventually(30, "subgate process ready", || async {
+            let r = client.get(&url).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+    }
+
+    fn kill_9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+
+    fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    async fn wait_exit(&mut self, secs: u64) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "subgate did not exit"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Subgate {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn store_at(dir: &PathBuf, overrides: &[(&str, &str)]) -> std::sync::Arc<dyn Store> {
+    subgate::startup::open_store(&test_settings(dir, overrides), true).expect("store")
+}
+
+#[tokio::test]
+async fn kill_9_mid_stream_then_restart_loses_and_duplicates_nothing() {
+    let queues = ErpQueues::new();
+    let dir = temp_dir("kill9");
+    let overrides = queues.overrides(&[]);
+    let mut first = Subgate::start(&dir, &overrides);
+    first.wait_ready().await;
+    let broker = Broker::connect().await;
+    broker
+        .publish_all(&queues.customers, stream("k", false))
+        .await;
+
+    let store = store_at(&dir, &overrides);
+    eventually(60, "a part of the stream committed", || async {
+        (erp_events(store.clone()).await.0 > 1000).then_some(())
+    })
+    .await;
+    first.kill_9();
+    let (at_kill, _) = erp_events(store.clone()).await;
+    assert!(at_kill < MESSAGES as i64, "killed mid-stream ({at_kill})");
+
+    let second = Subgate::start(&dir, &overrides);
+    second.wait_ready().await;
+    eventually(120, "the whole stream after restart", || async {
+        (erp_events(store.clone()).await.0 >= MESSAGES as i64
+            && broker.message_count(&queues.customers).await == 0)
+            .then_some(())
+    })
+    .await;
+    drop(second);
+    assert_exactly_once(store, "k").await;
+    broker.delete_queues(&queues.all()).await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_stream_exits_0_and_leaves_nothing_committed_unacked() {
+    let queues = ErpQueues::new();
+    let dir = temp_dir("sigterm");
+    let overrides = queues.overrides(&[]);
+    let mut first = Subgate::start(&dir, &overrides);
+    first.wait_ready().await;
+    let broker = Broker::connect().await;
+    broker
+        .publish_all(&queues.customers, stream("t", true))
+        .await;
+
+    let store = store_at(&dir, &overrides);
+    eventually(60, "a part of the stream committed", || async {
+        (erp_events(store.clone()).await.0 > 1000).then_some(())
+    })
+    .await;
+    first.sigterm();
+    let status = first.wait_exit(30).await;
+    assert!(status.success(), "exit status {status:?}");
+
+    // Committed + still queued == published: a committed message left unacked would be back in
+    // the queue and counted twice.
+    let (committed, _) = erp_events(store.clone()).await;
+    let queued = broker.message_count(&queues.customers).await as i64;
+    assert!(
+        committed < MESSAGES as i64,
+        "stopped mid-stream ({committed})"
+    );
+    assert_eq!(
+        committed + queued,
+        MESSAGES as i64,
+        "committed {committed}, queued {queued}"
+    );
+
+    // The rest is consumed after a restart, exactly once.
+    let second = Subgate::start(&dir, &overrides);
+    second.wait_ready().await;
+    eventually(120, "the rest of the stream", || async {
+        (erp_events(store.clone()).await.0 >= MESSAGES as i64
+            && broker.message_count(&queues.customers).await == 0)
+            .then_some(())
+    })
+    .await;
+    drop(second);
+    assert_exactly_once(store, "t").await;
+    broker.delete_queues(&queues.all()).await;
+}
