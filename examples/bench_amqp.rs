@@ -1,0 +1,268 @@
+//! AMQP ingest benchmark (run it with `scripts/bench-amqp`).
+//!
+//! Publishes N persistent ERP customer messages (~600 bytes, varied ids, Turkish text) to a
+//! quorum queue, then drains them with (a) a bare consumer on the same AMQP client and prefetch
+//! that only acks (multiple=true, flushed whenever its buffer is empty, as subgate's acker does),
+//! and (b) `subgate serve` end to end (decode, dedupe, project, durable commit, ack). Rounds
+//! alternate a/b; prints msg/s per round, the median ratio b/a and subgate's peak RSS.
+
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use amqprs::{
+    channel::{
+        BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments,
+        ConfirmSelectArguments, QueueDeclareArguments, QueueDeleteArguments,
+    },
+    connection::{Connection, OpenConnectionArguments},
+    BasicProperties, FieldTable, FieldValue,
+};
+
+struct Options {
+    binary: PathBuf,
+    messages: usize,
+    rounds: usize,
+    prefetch: u16,
+}
+
+fn options() -> Options {
+    let mut o = Options {
+        binary: PathBuf::from("target/release/subgate"),
+        messages: 100_000,
+        rounds: 3,
+        prefetch: 256,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i + 1 < args.len() {
+        let v = &args[i + 1];
+        match args[i].as_str() {
+            "--binary" => o.binary = v.into(),
+            "--messages" => o.messages = v.parse().expect("--messages N"),
+            "--rounds" => o.rounds = v.parse().expect("--rounds N"),
+            "--prefetch" => o.prefetch = v.parse().expect("--prefetch N"),
+            other => panic!("unknown option {other}"),
+        }
+        i += 2;
+    }
+    o
+}
+
+const CITIES: &[&str] = &["İSTANBUL(Anadolu)", "İSTANBUL(Avrupa)", "ANKARA", "İZMİR", "ŞANLIURFA"];
+const NAMES: &[&str] = &["Çağlar Şahin", "Ayşe Yılmaz", "Gülşen Öztürk", "İsmail Doğan", "Müge Çelik"];
+
+fn body(round: usize, i: usize) -> Vec<u8> {
+    serde_json::json!({
+        "id": format!("{}", 1_000_000 + round * 10_000_000 + i),
+        "status": if i % 9 == 0 { "Passive" } else { "Active" },
+        "name": format!("{} {i}", NAMES[i % NAMES.len()]),
+        "contactMedium": [{ "characteristic": {
+            "city": CITIES[i % CITIES.len()],
+            "country": "Türkiye",
+            "phoneNumber": format!("5{:09}", i),
+            "socialNetworkId": format!("{:011}", 10_000_000_000u64 + i as u64),
+            "street1": "Içerenköy Mah. Değirmenyolu Cad. Üsküdar Sok. No:12 Daire:4",
+            "postCode": "34752"
+        }}],
+        "segment": "Bireysel Müşteri",
+        "note": "Kampanya bilgilendirmesi için izin verildi; sözleşme yenileme tarihi yaklaşıyor."
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn connect() -> Connection {
+    Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
+        .await
+        .expect("RabbitMQ on 127.0.0.1:5672")
+}
+
+async fn fresh_quorum_queue(conn: &Connection, queue: &str) {
+    let ch = conn.open_channel(None).await.expect("channel");
+    let _ = ch.queue_delete(QueueDeleteArguments::new(queue)).await;
+    let mut args = FieldTable::new();
+    args.insert("x-queue-type".try_into().unwrap(), FieldValue::from("quorum".to_string()));
+    ch.queue_declare(QueueDeclareArguments::new(queue).durable(true).arguments(args).finish())
+        .await
+        .expect("declare");
+    let _ = ch.close().await;
+}
+
+/// Publish with publisher confirms; returns when the broker has confirmed (queue depth = n).
+async fn publish(conn: &Connection, queue: &str, round: usize, n: usize) {
+    let ch = conn.open_channel(None).await.expect("channel");
+    ch.confirm_select(ConfirmSelectArguments::default()).await.expect("confirm");
+    let mut props = BasicProperties::default();
+    props.with_persistence(true).with_content_type("application/json");
+    for i in 0..n {
+        ch.basic_publish(props.clone(), body(round, i), BasicPublishArguments::new("", queue))
+            .await
+            .expect("publish");
+    }
+    // Wait until every message is in the queue.
+    loop {
+        let (_, depth, _) = ch
+            .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
+            .await
+            .expect("passive")
+            .expect("declare-ok");
+        if depth as usize >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = ch.close().await;
+}
+
+/// (a) The bare consumer: receive and ack, nothing else.
+async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -> f64 {
+    let ch = conn.open_channel(None).await.expect("channel");
+    ch.basic_qos(BasicQosArguments::new(0, prefetch, false)).await.expect("qos");
+    let (_, mut rx) = ch
+        .basic_consume_rx(BasicConsumeArguments::new(queue, "").manual_ack(true).finish())
+        .await
+        .expect("consume");
+    let mut received = 0usize;
+    let mut started = None;
+    let mut last_tag = None;
+    while received < n {
+        let msg = match rx.try_recv() {
+            Ok(m) => m,
+            Err(_) => {
+                if let Some(tag) = last_tag.take() {
+                    ch.basic_ack(BasicAckArguments::new(tag, true)).await.expect("ack");
+                }
+                rx.recv().await.expect("delivery")
+            }
+        };
+        started.get_or_insert_with(Instant::now);
+        if let Some(d) = msg.deliver {
+            last_tag = Some(d.delivery_tag());
+            received += 1;
+        }
+    }
+    if let Some(tag) = last_tag {
+        ch.basic_ack(BasicAckArguments::new(tag, true)).await.expect("ack");
+    }
+    let secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let _ = ch.close().await;
+    n as f64 / secs
+}
+
+fn committed(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("subgate_committed_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// (b) subgate end to end; returns (msg/s, peak RSS KiB).
+async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
+    let dir = std::env::temp_dir().join(format!("subgate-bench-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    let mut child = Command::new(&o.binary)
+        .arg("serve")
+        .env("SUBGATE__HTTP__ADDR", format!("127.0.0.1:{port}"))
+        .env("SUBGATE__STORE__URL", format!("sqlite://{}", dir.join("bench.db").display()))
+        .env("SUBGATE__ERP__CUSTOMER_QUEUE", queue)
+        .env("SUBGATE__ERP__SUBSCRIPTION_QUEUE", format!("{queue}-subs"))
+        .env("SUBGATE__AMQP__PREFETCH", o.prefetch.to_string())
+        .env("SUBGATE__LOG__LEVEL", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("subgate starts");
+    let client = reqwest::Client::new();
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let mut first: Option<(Instant, u64)> = None;
+    let rate = loop {
+        if let Ok(r) = client.get(&url).send().await {
+            if let Ok(text) = r.text().await {
+                let c = committed(&text);
+                if c > 0 && first.is_none() {
+                    first = Some((Instant::now(), c));
+                }
+                if c as usize >= n {
+                    let (t0, c0) = first.expect("first sample");
+                    break (c - c0) as f64 / t0.elapsed().as_secs_f64();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    let rss = peak_rss_kib(child.id());
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    (rate, rss)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+#[tokio::main]
+async fn main() {
+    let o = options();
+    let conn = connect().await;
+    let queue = format!("bench-erp-{}", std::process::id());
+    println!(
+        "bench-amqp: {} persistent ERP customer messages (~{} bytes) per run, quorum queue, prefetch {}, {} rounds",
+        o.messages,
+        body(0, 12345).len(),
+        o.prefetch,
+        o.rounds
+    );
+    let (mut bare, mut sub, mut ratios, mut peak) = (vec![], vec![], vec![], 0u64);
+    for round in 0..o.rounds {
+        fresh_quorum_queue(&conn, &queue).await;
+        publish(&conn, &queue, round, o.messages).await;
+        let a = bare_consume(&conn, &queue, o.messages, o.prefetch).await;
+
+        fresh_quorum_queue(&conn, &queue).await;
+        publish(&conn, &queue, round, o.messages).await;
+        let (b, rss) = subgate_consume(&o, &queue, o.messages).await;
+        peak = peak.max(rss);
+        println!(
+            "round {}: (a) bare consumer {:>9.0} msg/s   (b) subgate {:>9.0} msg/s   ratio {:.2}   peak RSS {:.1} MB",
+            round + 1,
+            a,
+            b,
+            b / a,
+            rss as f64 / 1024.0
+        );
+        bare.push(a);
+        sub.push(b);
+        ratios.push(b / a);
+    }
+    let ch = conn.open_channel(None).await.expect("channel");
+    for q in [queue.clone(), format!("{queue}.dead"), format!("{queue}-subs"), format!("{queue}-subs.dead")] {
+        let _ = ch.queue_delete(QueueDeleteArguments::new(&q)).await;
+    }
+    println!(
+        "median: bare {:.0} msg/s, subgate {:.0} msg/s, ratio b/a {:.2} (goal >= 0.75); subgate peak RSS {:.1} MB (goal <= 100 MB)",
+        median(bare),
+        median(sub),
+        median(ratios),
+        peak as f64 / 1024.0
+    );
+}
