@@ -51,8 +51,20 @@ fn options() -> Options {
     o
 }
 
-const CITIES: &[&str] = &["İSTANBUL(Anadolu)", "İSTANBUL(Avrupa)", "ANKARA", "İZMİR", "ŞANLIURFA"];
-const NAMES: &[&str] = &["Çağlar Şahin", "Ayşe Yılmaz", "Gülşen Öztürk", "İsmail Doğan", "Müge Çelik"];
+const CITIES: &[&str] = &[
+    "İSTANBUL(Anadolu)",
+    "İSTANBUL(Avrupa)",
+    "ANKARA",
+    "İZMİR",
+    "ŞANLIURFA",
+];
+const NAMES: &[&str] = &[
+    "Çağlar Şahin",
+    "Ayşe Yılmaz",
+    "Gülşen Öztürk",
+    "İsmail Doğan",
+    "Müge Çelik",
+];
 
 fn body(round: usize, i: usize) -> Vec<u8> {
     serde_json::json!({
@@ -75,32 +87,53 @@ fn body(round: usize, i: usize) -> Vec<u8> {
 }
 
 async fn connect() -> Connection {
-    Connection::open(&OpenConnectionArguments::new("127.0.0.1", 5672, "guest", "guest"))
-        .await
-        .expect("RabbitMQ on 127.0.0.1:5672")
+    Connection::open(&OpenConnectionArguments::new(
+        "127.0.0.1",
+        5672,
+        "guest",
+        "guest",
+    ))
+    .await
+    .expect("RabbitMQ on 127.0.0.1:5672")
 }
 
 async fn fresh_quorum_queue(conn: &Connection, queue: &str) {
     let ch = conn.open_channel(None).await.expect("channel");
     let _ = ch.queue_delete(QueueDeleteArguments::new(queue)).await;
     let mut args = FieldTable::new();
-    args.insert("x-queue-type".try_into().unwrap(), FieldValue::from("quorum".to_string()));
-    ch.queue_declare(QueueDeclareArguments::new(queue).durable(true).arguments(args).finish())
-        .await
-        .expect("declare");
+    args.insert(
+        "x-queue-type".try_into().unwrap(),
+        FieldValue::from("quorum".to_string()),
+    );
+    ch.queue_declare(
+        QueueDeclareArguments::new(queue)
+            .durable(true)
+            .arguments(args)
+            .finish(),
+    )
+    .await
+    .expect("declare");
     let _ = ch.close().await;
 }
 
 /// Publish with publisher confirms; returns when the broker has confirmed (queue depth = n).
 async fn publish(conn: &Connection, queue: &str, round: usize, n: usize) {
     let ch = conn.open_channel(None).await.expect("channel");
-    ch.confirm_select(ConfirmSelectArguments::default()).await.expect("confirm");
+    ch.confirm_select(ConfirmSelectArguments::default())
+        .await
+        .expect("confirm");
     let mut props = BasicProperties::default();
-    props.with_persistence(true).with_content_type("application/json");
+    props
+        .with_persistence(true)
+        .with_content_type("application/json");
     for i in 0..n {
-        ch.basic_publish(props.clone(), body(round, i), BasicPublishArguments::new("", queue))
-            .await
-            .expect("publish");
+        ch.basic_publish(
+            props.clone(),
+            body(round, i),
+            BasicPublishArguments::new("", queue),
+        )
+        .await
+        .expect("publish");
     }
     // Wait until every message is in the queue.
     loop {
@@ -120,9 +153,15 @@ async fn publish(conn: &Connection, queue: &str, round: usize, n: usize) {
 /// (a) The bare consumer: receive and ack, nothing else.
 async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -> f64 {
     let ch = conn.open_channel(None).await.expect("channel");
-    ch.basic_qos(BasicQosArguments::new(0, prefetch, false)).await.expect("qos");
+    ch.basic_qos(BasicQosArguments::new(0, prefetch, false))
+        .await
+        .expect("qos");
     let (_, mut rx) = ch
-        .basic_consume_rx(BasicConsumeArguments::new(queue, "").manual_ack(true).finish())
+        .basic_consume_rx(
+            BasicConsumeArguments::new(queue, "")
+                .manual_ack(true)
+                .finish(),
+        )
         .await
         .expect("consume");
     let mut received = 0usize;
@@ -133,7 +172,9 @@ async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -
             Ok(m) => m,
             Err(_) => {
                 if let Some(tag) = last_tag.take() {
-                    ch.basic_ack(BasicAckArguments::new(tag, true)).await.expect("ack");
+                    ch.basic_ack(BasicAckArguments::new(tag, true))
+                        .await
+                        .expect("ack");
                 }
                 rx.recv().await.expect("delivery")
             }
@@ -145,7 +186,9 @@ async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -
         }
     }
     if let Some(tag) = last_tag {
-        ch.basic_ack(BasicAckArguments::new(tag, true)).await.expect("ack");
+        ch.basic_ack(BasicAckArguments::new(tag, true))
+            .await
+            .expect("ack");
     }
     let secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
     let _ = ch.close().await;
@@ -182,7 +225,10 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
     let mut child = Command::new(&o.binary)
         .arg("serve")
         .env("SUBGATE__HTTP__ADDR", format!("127.0.0.1:{port}"))
-        .env("SUBGATE__STORE__URL", format!("sqlite://{}", dir.join("bench.db").display()))
+        .env(
+            "SUBGATE__STORE__URL",
+            format!("sqlite://{}", dir.join("bench.db").display()),
+        )
         .env("SUBGATE__ERP__CUSTOMER_QUEUE", queue)
         .env("SUBGATE__ERP__SUBSCRIPTION_QUEUE", format!("{queue}-subs"))
         .env("SUBGATE__AMQP__PREFETCH", o.prefetch.to_string())
@@ -209,7 +255,9 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let rss = peak_rss_kib(child.id());
-    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
     (rate, rss)
@@ -255,7 +303,12 @@ async fn main() {
         ratios.push(b / a);
     }
     let ch = conn.open_channel(None).await.expect("channel");
-    for q in [queue.clone(), format!("{queue}.dead"), format!("{queue}-subs"), format!("{queue}-subs.dead")] {
+    for q in [
+        queue.clone(),
+        format!("{queue}.dead"),
+        format!("{queue}-subs"),
+        format!("{queue}-subs.dead"),
+    ] {
         let _ = ch.queue_delete(QueueDeleteArguments::new(&q)).await;
     }
     println!(

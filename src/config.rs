@@ -173,7 +173,9 @@ impl Settings {
         let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
                 let key = e.path().to_string();
-                invalid(&key, e.into_inner().to_string())
+                // The TOML deserializer appends "in `key`" on a second line; one line is enough.
+                let message = e.into_inner().to_string();
+                invalid(&key, message.lines().next().unwrap_or_default())
             })?;
         settings.validate()?;
         Ok(settings)

@@ -1,0 +1,94 @@
+//! The binary's command line: exit codes and one-line errors that name the problem.
+
+use std::process::{Command, Output};
+
+fn subgate(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_subgate"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("subgate runs")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn version_prints_the_package_version() {
+    let o = subgate(&["--version"], &[]);
+    assert!(o.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        format!("subgate {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn invalid_environment_value_exits_2_naming_the_key_on_one_line() {
+    let o = subgate(&["config", "check"], &[("SUBGATE__AMQP__PREFETCH", "lots")]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: config key `amqp.prefetch`"),
+        "{err}"
+    );
+}
+
+#[test]
+fn config_flag_is_global_and_print_redacts_secrets() {
+    let dir = std::env::temp_dir().join(format!("subgate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("c.toml");
+    std::fs::write(
+        &file,
+        "[amqp]\nurl = \"amqp://app:s3cret@rabbit:5672/%2f\"\nprefetch = 64\n",
+    )
+    .unwrap();
+    let path = file.to_str().unwrap();
+    for args in [
+        vec!["--config", path, "config", "print"],
+        vec!["config", "print", "--config", path],
+    ] {
+        let o = subgate(&args, &[]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(out.contains("prefetch = 64"), "{out}");
+        assert!(out.contains("amqp://app:***@rabbit:5672/%2f"), "{out}");
+        assert!(!out.contains("s3cret"));
+    }
+}
+
+#[test]
+fn missing_config_file_and_unknown_key_exit_2() {
+    let o = subgate(
+        &["--config", "/nonexistent/subgate.toml", "config", "check"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("/nonexistent/subgate.toml"));
+
+    let o = subgate(&["config", "check"], &[("SUBGATE__AMQP__PREFECH", "1")]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("prefech"), "{}", stderr(&o));
+}
+
+#[test]
+fn migrate_creates_the_schema_and_is_idempotent() {
+    let dir = std::env::temp_dir().join(format!("subgate-migrate-{}", fastrand::u32(..)));
+    let url = format!("sqlite://{}", dir.join("m.db").display());
+    let env = [("SUBGATE__STORE__URL", url.as_str())];
+    let first = subgate(&["migrate"], &env);
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout).trim(),
+        "1 migration(s) applied"
+    );
+    let second = subgate(&["migrate"], &env);
+    assert_eq!(
+        String::from_utf8_lossy(&second.stdout).trim(),
+        "0 migration(s) applied"
+    );
+}
