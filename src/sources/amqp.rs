@@ -37,6 +37,9 @@ use crate::{
     ingest::{Ingest, IngestError, Reply},
 };
 
+/// How long a connection attempt (TCP + AMQP handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A message as a decoder sees it.
 pub struct AmqpMessage<'a> {
     pub queue: &'a str,
@@ -285,8 +288,9 @@ impl AmqpConsumer {
         .heartbeat(self.settings.amqp.heartbeat_secs)
         .connection_name(&self.settings.amqp.connection_name)
         .finish();
-        let connection = Connection::open(&args)
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, Connection::open(&args))
             .await
+            .map_err(|_| format!("connecting to {}:{} timed out", address.host, address.port))?
             .map_err(|e| format!("cannot connect to {}:{}: {e}", address.host, address.port))?;
         connection
             .register_callback(DefaultConnectionCallback)

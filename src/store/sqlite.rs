@@ -19,6 +19,9 @@ const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_core.sq
 
 const READERS_KEPT: usize = 4;
 
+/// New inbox rows start with this outcome (the common case), so only the others need an UPDATE.
+const DEFAULT_OUTCOME: &str = "applied";
+
 pub struct SqliteStore {
     path: PathBuf,
     synchronous: SqliteSynchronous,
@@ -64,6 +67,19 @@ impl SqliteStore {
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The writer connection. A panic while it was held (caught by the ingest writer) leaves the
+    /// lock poisoned and maybe a transaction open: recover both instead of failing forever.
+    fn lock_writer(&self) -> std::sync::MutexGuard<'_, Connection> {
+        let conn = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !conn.is_autocommit() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        conn
     }
 
     fn with_reader<T>(
@@ -152,8 +168,8 @@ struct Tx<'c> {
 impl StoreTx for Tx<'_> {
     fn insert_inbox(&mut self, e: &InboxEntry<'_>) -> Result<InboxInsert, StoreError> {
         let mut insert = self.conn.prepare_cached(
-            "INSERT INTO inbox (source, kind, entity, dedupe_key, occurred_at, received_at, meta, raw)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (dedupe_key) DO NOTHING",
+            "INSERT INTO inbox (source, kind, entity, dedupe_key, occurred_at, received_at, meta, raw, outcome)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'applied') ON CONFLICT (dedupe_key) DO NOTHING",
         )?;
         let inserted = insert.execute(params![
             e.source,
@@ -176,6 +192,9 @@ impl StoreTx for Tx<'_> {
     }
 
     fn set_inbox_outcome(&mut self, id: i64, outcome: &str) -> Result<(), StoreError> {
+        if outcome == DEFAULT_OUTCOME {
+            return Ok(());
+        }
         self.conn
             .prepare_cached("UPDATE inbox SET outcome = ?2 WHERE id = ?1")?
             .execute(params![id, outcome])?;
@@ -234,12 +253,12 @@ impl StoreTx for Tx<'_> {
     }
 
     fn savepoint(&mut self) -> Result<(), StoreError> {
-        self.conn.execute_batch("SAVEPOINT event")?;
+        self.conn.prepare_cached("SAVEPOINT event")?.execute([])?;
         Ok(())
     }
 
     fn release_savepoint(&mut self) -> Result<(), StoreError> {
-        self.conn.execute_batch("RELEASE event")?;
+        self.conn.prepare_cached("RELEASE event")?.execute([])?;
         Ok(())
     }
 
@@ -259,7 +278,7 @@ fn get_record(conn: &Connection, kind: &str, key: &str) -> Result<Option<Record>
 
 impl Store for SqliteStore {
     fn migrate(&self) -> Result<usize, StoreError> {
-        let conn = self.writer.lock().map_err(poisoned)?;
+        let conn = self.lock_writer();
         // IMMEDIATE takes the write lock first, so concurrent `migrate` runs serialise and the
         // second one sees the first one's version.
         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -304,7 +323,7 @@ impl Store for SqliteStore {
         &self,
         f: &mut dyn FnMut(&mut dyn StoreTx) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let conn = self.writer.lock().map_err(poisoned)?;
+        let conn = self.lock_writer();
         conn.execute_batch("BEGIN IMMEDIATE")?;
         let result = f(&mut Tx { conn: &conn });
         match result {
