@@ -15,7 +15,8 @@ use std::{
 use amqprs::{
     channel::{
         BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments,
-        ConfirmSelectArguments, QueueDeclareArguments, QueueDeleteArguments,
+        ConfirmSelectArguments, ExchangeDeclareArguments, QueueDeclareArguments,
+        QueueDeleteArguments,
     },
     connection::{Connection, OpenConnectionArguments},
     BasicProperties, FieldTable, FieldValue,
@@ -77,10 +78,13 @@ fn body(round: usize, i: usize) -> Vec<u8> {
             "phoneNumber": format!("5{:09}", i),
             "socialNetworkId": format!("{:011}", 10_000_000_000u64 + i as u64),
             "street1": "Içerenköy Mah. Değirmenyolu Cad. Üsküdar Sok. No:12 Daire:4",
+            "email": format!("musteri{i}@ornek-sirket.com.tr"),
+            "district": "Ataşehir",
             "postCode": "34752"
         }}],
         "segment": "Bireysel Müşteri",
-        "note": "Kampanya bilgilendirmesi için izin verildi; sözleşme yenileme tarihi yaklaşıyor."
+        "note": "Kampanya bilgilendirmesi için izin verildi; sözleşme yenileme tarihi yaklaşıyor. Müşteri temsilcisi: Gökhan Işık.",
+        "channel": "Çağrı Merkezi"
     })
     .to_string()
     .into_bytes()
@@ -99,6 +103,29 @@ async fn connect() -> Connection {
 
 async fn fresh_quorum_queue(conn: &Connection, queue: &str) {
     let ch = conn.open_channel(None).await.expect("channel");
+    // subgate (declare = false) verifies its dead-letter exchange exists.
+    ch.exchange_declare(
+        ExchangeDeclareArguments::new("subgate.dlx", "direct")
+            .durable(true)
+            .finish(),
+    )
+    .await
+    .expect("dlx");
+    for q in [format!("{queue}-subs")] {
+        let mut args = FieldTable::new();
+        args.insert(
+            "x-queue-type".try_into().unwrap(),
+            FieldValue::from("quorum".to_string()),
+        );
+        ch.queue_declare(
+            QueueDeclareArguments::new(&q)
+                .durable(true)
+                .arguments(args)
+                .finish(),
+        )
+        .await
+        .expect("declare");
+    }
     let _ = ch.queue_delete(QueueDeleteArguments::new(queue)).await;
     let mut args = FieldTable::new();
     args.insert(
@@ -232,6 +259,8 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
         .env("SUBGATE__ERP__CUSTOMER_QUEUE", queue)
         .env("SUBGATE__ERP__SUBSCRIPTION_QUEUE", format!("{queue}-subs"))
         .env("SUBGATE__AMQP__PREFETCH", o.prefetch.to_string())
+        // The bench owns the (plain quorum) queue, as an upstream would: subgate only verifies.
+        .env("SUBGATE__ERP__DECLARE", "false")
         .env("SUBGATE__LOG__LEVEL", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -239,7 +268,12 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
     let client = reqwest::Client::new();
     let url = format!("http://127.0.0.1:{port}/metrics");
     let mut first: Option<(Instant, u64)> = None;
+    let deadline = Instant::now() + Duration::from_secs(300);
     let rate = loop {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("subgate did not drain the queue within 300 s");
+        }
         if let Ok(r) = client.get(&url).send().await {
             if let Ok(text) = r.text().await {
                 let c = committed(&text);
@@ -255,6 +289,21 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let rss = peak_rss_kib(child.id());
+    if let Ok(text) = async { client.get(&url).send().await?.text().await }.await {
+        let value = |name: &str| -> f64 {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        let batches = value("subgate_batch_size_count");
+        println!(
+            "    subgate: {batches:.0} batches, mean batch {:.1} events, mean commit {:.2} ms",
+            value("subgate_batch_size_sum") / batches.max(1.0),
+            1000.0 * value("subgate_commit_seconds_sum")
+                / value("subgate_commit_seconds_count").max(1.0)
+        );
+    }
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
