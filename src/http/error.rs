@@ -25,7 +25,7 @@ pub enum ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
-            StoreError::Unavailable(m) => ApiError::Unavailable(m),
+            StoreError::Unavailable(m) | StoreError::Conflict(m) => ApiError::Unavailable(m),
             StoreError::Failed(m) => ApiError::Internal(m),
         }
     }

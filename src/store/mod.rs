@@ -9,6 +9,7 @@
 //! - `links`: relations between entities (a subscription's engaged parties, a card's member);
 //! - `history`: append-only timelines (consent changes, service-order notifications, …).
 
+pub mod postgres;
 pub mod sqlite;
 
 use serde::Serialize;
@@ -17,18 +18,21 @@ use serde_json::Value;
 use crate::config::{Settings, StoreUrl};
 
 /// Errors at the store boundary. `Unavailable` is transient (retry later, never ack);
-/// `Failed` is specific to the statement that raised it.
+/// `Conflict` is a concurrency failure between instances (deadlock, serialization): retry the
+/// transaction at once; `Failed` is specific to the statement that raised it.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    #[error("store conflict: {0}")]
+    Conflict(String),
     #[error("store error: {0}")]
     Failed(String),
 }
 
 impl StoreError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::Conflict(_))
     }
 }
 
@@ -161,9 +165,7 @@ pub fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, StoreError
             &path,
             settings.store.sqlite_synchronous,
         )?)),
-        StoreUrl::Postgres(_) => Err(StoreError::Failed(
-            "store.url: the PostgreSQL backend is not built yet; use sqlite://PATH".into(),
-        )),
+        StoreUrl::Postgres(url) => Ok(std::sync::Arc::new(postgres::PostgresStore::open(&url)?)),
     }
 }
 
