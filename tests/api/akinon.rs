@@ -836,3 +836,23 @@ async fn store_that_cannot_commit_answers_503_not_200() {
     assert_eq!(akinon_events(&app), 1);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn openapi_documents_the_akinon_and_consent_routes() {
+    let app = akinon_app(&[]).await;
+    let (status, doc) = app.get_json("/openapi.json").await;
+    assert_eq!(status, 200);
+    for path in [
+        "/subscribe-email",
+        "/subscribe-user",
+        "/order-info",
+        "/unsubscribed-users",
+        "/api/v1/akinon/users/{id}",
+        "/api/v1/akinon/orders/{id}",
+        "/api/v1/consents",
+        "/u/{token}",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path}");
+    }
+    app.stop().await.unwrap();
+}
