@@ -244,10 +244,10 @@ fn loggable_request_id(headers: &HeaderMap) -> String {
 /// with the metrics and the one log line per call.
 async fn instrumented(
     endpoint: &'static str,
-    headers: &HeaderMap,
+    request_id: String,
     work: impl std::future::Future<Output = Result<Response, AkinonError>>,
 ) -> Response {
-    let span = tracing::info_span!("akinon", endpoint, request_id = %loggable_request_id(headers));
+    let span = tracing::info_span!("akinon", endpoint, %request_id);
     async move {
         let started = Instant::now();
         let result = work.await;
@@ -272,7 +272,7 @@ async fn call(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    instrumented(endpoint.name(), &headers.clone(), async move {
+    instrumented(endpoint.name(), loggable_request_id(&headers), async move {
         let call = state.admit(&headers)?;
         if !is_json(headers.get(header::CONTENT_TYPE)) {
             return Err(AkinonError::UnsupportedMediaType);
@@ -393,21 +393,25 @@ async fn unsubscribed_users(
     headers: HeaderMap,
     query: Result<Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
-    instrumented("unsubscribed-users", &headers.clone(), async move {
-        state.admit(&headers)?;
-        let Query(params) = query.map_err(|e| {
-            AkinonError::Fields(vec![FieldError::new("invalid_query", "", e.body_text())])
-        })?;
-        let settings = &state.app.settings.akinon;
-        let (from, to) = window(&params, settings.unsubscribed_max_range.as_millis() as i64)
-            .map_err(AkinonError::Fields)?;
-        let store = state.app.store.clone();
-        let max = settings.unsubscribed_max_changes;
-        let answer = blocking(move || unsubscribed_between(store.as_ref(), from, to, max))
-            .await?
-            .map_err(|e| AkinonError::Fields(vec![e]))?;
-        Ok(Json(answer.to_json(settings.unsubscribed_keys)).into_response())
-    })
+    instrumented(
+        "unsubscribed-users",
+        loggable_request_id(&headers),
+        async move {
+            state.admit(&headers)?;
+            let Query(params) = query.map_err(|e| {
+                AkinonError::Fields(vec![FieldError::new("invalid_query", "", e.body_text())])
+            })?;
+            let settings = &state.app.settings.akinon;
+            let (from, to) = window(&params, settings.unsubscribed_max_range.as_millis() as i64)
+                .map_err(AkinonError::Fields)?;
+            let store = state.app.store.clone();
+            let max = settings.unsubscribed_max_changes;
+            let answer = blocking(move || unsubscribed_between(store.as_ref(), from, to, max))
+                .await?
+                .map_err(|e| AkinonError::Fields(vec![e]))?;
+            Ok(Json(answer.to_json(settings.unsubscribed_keys)).into_response())
+        },
+    )
     .await
 }
 
