@@ -43,6 +43,13 @@ pub enum Command {
     Serve,
     /// Apply pending store migrations and exit (safe to run while instances are serving).
     Migrate,
+    /// Print a signed one-click unsubscribe URL (RFC 8058) for an address, to put in a
+    /// message's List-Unsubscribe header. Needs consent.link_secret.
+    UnsubscribeLink {
+        /// The email address the link unsubscribes.
+        #[arg(long, value_name = "ADDRESS")]
+        email: String,
+    },
     /// Inspect the configuration.
     Config {
         #[command(subcommand)]
@@ -80,6 +87,16 @@ pub fn run(cli: Cli) -> ExitCode {
             println!("configuration ok");
             ExitCode::SUCCESS
         }
+        Command::UnsubscribeLink { email } => match unsubscribe_link(&settings, &email) {
+            Ok(url) => {
+                println!("{url}");
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("error: {message}");
+                ExitCode::from(2)
+            }
+        },
         Command::Migrate => {
             telemetry::init_logging(&settings.log);
             match open_store(&settings, false).and_then(|s| Ok(s.migrate()?)) {
@@ -105,6 +122,22 @@ pub fn run(cli: Cli) -> ExitCode {
             }
         }
     }
+}
+
+/// `{consent.link_base_url}/u/{token}` for the email address.
+pub fn unsubscribe_link(settings: &Settings, email: &str) -> Result<String, String> {
+    let secret = settings.consent.link_secret.expose();
+    if secret.is_empty() {
+        return Err("consent.link_secret is not set (SUBGATE__CONSENT__LINK_SECRET)".into());
+    }
+    let address = crate::consent::Normaliser::new(&settings.consent.default_region)?
+        .address(crate::consent::Channel::Email, email)
+        .map_err(|m| format!("--email: {m}"))?;
+    let token = crate::sources::consents::sign_link(secret.as_bytes(), &address);
+    Ok(format!(
+        "{}/u/{token}",
+        settings.consent.link_base_url.trim_end_matches('/')
+    ))
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {

@@ -6,6 +6,8 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use serde::{Deserialize, Deserializer, Serialize};
 
+use crate::http::auth::Secret;
+
 /// The embedded defaults: every key with its comment.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 /// Prefix of environment variables that override configuration keys.
@@ -44,6 +46,8 @@ pub struct Settings {
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
     pub consent: ConsentSettings,
+    pub akinon: AkinonSettings,
+    pub admin: AdminSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,6 +131,69 @@ pub enum LogFormat {
 #[serde(deny_unknown_fields)]
 pub struct ConsentSettings {
     pub default_region: String,
+    /// Key of the one-click unsubscribe links (HMAC-SHA256); empty disables them.
+    pub link_secret: Secret,
+    /// Public base URL printed links start with.
+    pub link_base_url: String,
+}
+
+/// The Akinon Extension Subscription Gateway endpoints (`docs/akinon.md`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AkinonSettings {
+    pub enabled: bool,
+    pub path_prefix: String,
+    pub username: String,
+    pub password: Secret,
+    /// More accepted pairs at once, for rotation.
+    pub extra_credentials: Vec<Credential>,
+    pub rate_limit_per_second: f64,
+    pub rate_limit_burst: u32,
+    pub unsubscribed_keys: KeyStyle,
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub unsubscribed_max_range: Duration,
+    pub unsubscribed_max_changes: usize,
+}
+
+impl AkinonSettings {
+    /// Every accepted Basic-auth pair (pairs with an empty user or password are not accepted).
+    pub fn credentials(&self) -> impl Iterator<Item = (&str, &Secret)> {
+        std::iter::once((self.username.as_str(), &self.password))
+            .chain(
+                self.extra_credentials
+                    .iter()
+                    .map(|c| (c.username.as_str(), &c.password)),
+            )
+            .filter(|(u, p)| !u.is_empty() && !p.expose().is_empty())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credential {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// Key style of the `unsubscribed-users` answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyStyle {
+    /// `emailUnsubscribed` (the document's table and example).
+    Camel,
+    /// `email_unsubscribed` (the document's TypeScript interface).
+    Snake,
+}
+
+/// subgate's own admin API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSettings {
+    /// Bearer token; empty disables the admin routes.
+    pub token: Secret,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -236,6 +303,43 @@ impl Settings {
         }
         crate::consent::Normaliser::new(&self.consent.default_region)
             .map_err(|m| invalid("consent.default_region", m))?;
+        let prefix = &self.akinon.path_prefix;
+        if !prefix.is_empty()
+            && (!prefix.starts_with('/') || prefix.ends_with('/') || prefix.contains(['{', '}']))
+        {
+            return Err(invalid(
+                "akinon.path_prefix",
+                "must be empty or start with / and not end with / (e.g. \"/akinon\")",
+            ));
+        }
+        if !(self.akinon.rate_limit_per_second >= 0.0
+            && self.akinon.rate_limit_per_second.is_finite())
+        {
+            return Err(invalid(
+                "akinon.rate_limit_per_second",
+                "must be >= 0 (0 disables)",
+            ));
+        }
+        if self.akinon.unsubscribed_max_range.is_zero() {
+            return Err(invalid(
+                "akinon.unsubscribed_max_range",
+                "must be more than 0",
+            ));
+        }
+        if self.akinon.unsubscribed_max_changes == 0 {
+            return Err(invalid(
+                "akinon.unsubscribed_max_changes",
+                "must be at least 1",
+            ));
+        }
+        if !(self.consent.link_base_url.starts_with("http://")
+            || self.consent.link_base_url.starts_with("https://"))
+        {
+            return Err(invalid(
+                "consent.link_base_url",
+                "must start with http:// or https://",
+            ));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(())
@@ -251,6 +355,12 @@ impl Settings {
         let mut copy = self.clone();
         copy.amqp.url = redact_url(&copy.amqp.url);
         copy.store.url = redact_url(&copy.store.url);
+        copy.akinon.password = copy.akinon.password.redacted();
+        for c in &mut copy.akinon.extra_credentials {
+            c.password = c.password.redacted();
+        }
+        copy.admin.token = copy.admin.token.redacted();
+        copy.consent.link_secret = copy.consent.link_secret.redacted();
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -335,7 +445,6 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
                 message: "empty key segment (use SUBGATE__SECTION__KEY)".into(),
             });
         }
-        let value = parse_env_value(raw);
         let mut cursor = &mut *table;
         let (last, parents) = keys.split_last().ok_or_else(|| ConfigError::Env {
             var: name.clone(),
@@ -355,6 +464,11 @@ fn apply_env(table: &mut toml::Table, env: &[(String, String)]) -> Result<(), Co
                 }
             };
         }
+        // A key whose default is a string stays a string (a password "0123" is not a number).
+        let value = match cursor.get(last) {
+            Some(toml::Value::String(_)) => toml::Value::String(raw.to_owned()),
+            _ => parse_env_value(raw),
+        };
         cursor.insert(last.clone(), value);
     }
     Ok(())
@@ -504,6 +618,39 @@ mod tests {
         let printed = s.redacted_toml();
         assert!(!printed.contains("s3cret"));
         assert!(printed.contains("amqp://user:***@host:5672/%2f"));
+    }
+
+    #[test]
+    fn redacted_print_hides_every_secret() {
+        let s = load(
+            Some("[[akinon.extra_credentials]]\nusername = \"old\"\npassword = \"rotated-pw\"\n"),
+            &[
+                ("SUBGATE__AKINON__USERNAME", "akinon"),
+                ("SUBGATE__AKINON__PASSWORD", "0123"),
+                ("SUBGATE__ADMIN__TOKEN", "admin-tok"),
+                ("SUBGATE__CONSENT__LINK_SECRET", "link-key"),
+            ],
+        )
+        .unwrap();
+        // A numeric-looking secret from the environment stays the text it was.
+        assert_eq!(s.akinon.password.expose(), "0123");
+        assert_eq!(s.akinon.credentials().count(), 2);
+        let printed = s.redacted_toml();
+        for secret in ["0123", "rotated-pw", "admin-tok", "link-key"] {
+            assert!(!printed.contains(secret), "{secret} in {printed}");
+        }
+        assert!(printed.contains("akinon"));
+    }
+
+    #[test]
+    fn akinon_prefix_must_be_a_clean_path() {
+        for bad in ["akinon", "/akinon/", "/{x}"] {
+            let err = load(None, &[("SUBGATE__AKINON__PATH_PREFIX", bad)])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("akinon.path_prefix"), "{err}");
+        }
+        assert!(load(None, &[("SUBGATE__AKINON__PATH_PREFIX", "/ext/akinon")]).is_ok());
     }
 
     #[test]

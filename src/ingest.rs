@@ -168,22 +168,38 @@ fn run_writer(
     tracing::debug!("ingest writer stopped");
 }
 
+/// How often a batch that lost a race with another instance is written again.
+const CONFLICT_RETRIES: u64 = 5;
+
 /// Per-event result inside the transaction: `Err` rejects only that event.
 type EventResult = Result<IngestOutcome, String>;
 
 fn commit_batch(store: &dyn Store, batch: &mut Vec<Job>) {
     let started = Instant::now();
     let mut results: Vec<EventResult> = Vec::with_capacity(batch.len());
-    let written = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        store.write(&mut |tx| {
-            results.clear();
-            for job in batch.iter() {
-                results.push(ingest_one(tx, &job.envelope)?);
+    let mut attempt = 0;
+    let written = loop {
+        let written = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            store.write(&mut |tx| {
+                results.clear();
+                for job in batch.iter() {
+                    results.push(ingest_one(tx, &job.envelope)?);
+                }
+                Ok(())
+            })
+        }))
+        .unwrap_or_else(|_| Err(StoreError::Unavailable("ingest writer panicked".into())));
+        // Another instance won a race (deadlock, serialization failure): nothing was
+        // committed, so the same batch is simply written again.
+        match written {
+            Err(StoreError::Conflict(_)) if attempt < CONFLICT_RETRIES => {
+                attempt += 1;
+                metrics::counter!("subgate_commit_conflicts_total").increment(1);
+                std::thread::sleep(Duration::from_millis(fastrand::u64(1..=10 * attempt)));
             }
-            Ok(())
-        })
-    }))
-    .unwrap_or_else(|_| Err(StoreError::Unavailable("ingest writer panicked".into())));
+            other => break other,
+        }
+    };
     let elapsed = started.elapsed();
     metrics::histogram!("subgate_batch_size").record(batch.len() as f64);
     metrics::histogram!("subgate_commit_seconds").record(elapsed.as_secs_f64());

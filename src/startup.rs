@@ -93,6 +93,8 @@ impl Application {
             ingest,
             health,
             metrics: telemetry::metrics_handle(),
+            normaliser: crate::consent::Normaliser::new(&settings.consent.default_region)
+                .map_err(|m| anyhow::anyhow!("consent.default_region: {m}"))?,
         };
         Ok(Self {
             settings,

@@ -16,6 +16,8 @@ pub enum ApiError {
     NotFound { what: &'static str, id: String },
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
     #[error("store unavailable")]
     Unavailable(String),
     #[error("internal error")]
@@ -36,6 +38,7 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Unavailable(cause) => {
                 tracing::warn!(%cause, "store unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")

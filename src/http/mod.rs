@@ -1,6 +1,8 @@
 //! HTTP: one router with the ops routes, the read API, and (later) each HTTP source's routes.
 
+pub mod akinon;
 pub mod auth;
+mod consents;
 mod error;
 mod ops;
 mod read_api;
@@ -11,7 +13,7 @@ use axum::{extract::DefaultBodyLimit, Router};
 pub use error::ApiError;
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::{config::Settings, health::Health, ingest::Ingest, store::Store};
+use crate::{config::Settings, consent::Normaliser, health::Health, ingest::Ingest, store::Store};
 
 /// Shared state of every handler.
 #[derive(Clone)]
@@ -21,6 +23,8 @@ pub struct AppState {
     pub ingest: Ingest,
     pub health: Health,
     pub metrics: PrometheusHandle,
+    /// Address normalisation (`consent.default_region`), for every source that records consent.
+    pub normaliser: Normaliser,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -28,6 +32,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ops::routes())
         .merge(read_api::routes())
+        .merge(akinon::routes(&state))
+        .merge(consents::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

@@ -1,7 +1,11 @@
 //! Sources: adapters that decode one upstream's wire format into [`crate::envelope::Envelope`]s.
 //!
 //! - [`amqp`]: the supervised AMQP consumer every queue-based source plugs into;
-//! - [`erp`]: the ERP customer and subscription snapshots.
+//! - [`erp`]: the ERP customer and subscription snapshots;
+//! - [`akinon`]: the Akinon Extension Subscription Gateway calls (HTTP: [`crate::http::akinon`]);
+//! - [`consents`]: opt-outs from outside Akinon (admin reports, one-click unsubscribe links).
 
+pub mod akinon;
 pub mod amqp;
+pub mod consents;
 pub mod erp;

@@ -214,7 +214,10 @@ impl StoreTx for Tx<'_> {
         }
         let row = self
             .conn
-            .query_opt("SELECT id FROM inbox WHERE dedupe_key = $1", &[&e.dedupe_key])?
+            .query_opt(
+                "SELECT id FROM inbox WHERE dedupe_key = $1",
+                &[&e.dedupe_key],
+            )?
             .ok_or_else(|| StoreError::Conflict("dedupe key vanished".into()))?;
         Ok(InboxInsert::Duplicate(row.try_get(0)?))
     }
@@ -223,8 +226,10 @@ impl StoreTx for Tx<'_> {
         if outcome == "applied" {
             return Ok(());
         }
-        self.conn
-            .execute("UPDATE inbox SET outcome = $2 WHERE id = $1", &[&id, &outcome])?;
+        self.conn.execute(
+            "UPDATE inbox SET outcome = $2 WHERE id = $1",
+            &[&id, &outcome],
+        )?;
         Ok(())
     }
 
@@ -312,7 +317,10 @@ impl Store for PostgresStore {
                      version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
             )?;
             let current: i64 = client
-                .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", &[])?
+                .query_one(
+                    "SELECT COALESCE(MAX(version), 0) FROM schema_migrations",
+                    &[],
+                )?
                 .try_get(0)?;
             let mut applied = 0;
             for (i, sql) in MIGRATIONS.iter().enumerate() {
@@ -394,7 +402,12 @@ impl Store for PostgresStore {
         })
     }
 
-    fn history(&self, kind: &str, key: &str, limit: usize) -> Result<Vec<HistoryEntry>, StoreError> {
+    fn history(
+        &self,
+        kind: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
         let limit = limit as i64;
         self.with_reader(|c| {
             c.query(

@@ -1,7 +1,9 @@
 //! One integration-test binary: every test spawns the real app (port 0, its own SQLite file,
 //! its own queue names) against the real RabbitMQ on this machine.
 
+mod akinon;
 mod cli;
+mod consents;
 mod erp;
 // Shared harness: not every test module uses every helper.
 #[allow(dead_code)]
