@@ -28,23 +28,28 @@ const MIGRATION_LOCK: i64 = 0x7375_6267_6174_65;
 
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
+        // `Display` of a server error is only "db error"; the message says what went wrong.
+        let text = match e.as_db_error() {
+            Some(db) => format!("{}: {}", db.code().code(), db.message()),
+            None => e.to_string(),
+        };
         match e.code() {
             Some(code)
                 if *code == SqlState::T_R_DEADLOCK_DETECTED
                     || *code == SqlState::T_R_SERIALIZATION_FAILURE =>
             {
-                StoreError::Conflict(e.to_string())
+                StoreError::Conflict(text)
             }
             Some(code)
                 if code.code().starts_with("08")
                     || code.code().starts_with("53")
                     || code.code().starts_with("57") =>
             {
-                StoreError::Unavailable(e.to_string())
+                StoreError::Unavailable(text)
             }
-            Some(_) => StoreError::Failed(e.to_string()),
+            Some(_) => StoreError::Failed(text),
             // No SQLSTATE: the connection itself failed.
-            None => StoreError::Unavailable(e.to_string()),
+            None => StoreError::Unavailable(text),
         }
     }
 }
@@ -234,21 +239,22 @@ impl StoreTx for Tx<'_> {
     }
 
     /// Locks (kind, key) for the rest of the transaction before reading it, so concurrent
-    /// read-modify-writes of one entity from several instances serialise.
+    /// read-modify-writes of one entity from several instances serialise. The lock is its own
+    /// statement: under READ COMMITTED a statement's snapshot is taken when it starts, so a read
+    /// in the same statement as the lock wait would miss what the lock holder committed.
     fn get_record(&mut self, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {
-        let rows = self.conn.query(
-            "SELECT r.kind, r.key, r.doc, r.hash, r.occurred_at, r.changed_at, r.changed_by,
-                    r.seen_at, r.seen_by, r.version
-             FROM (SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))) AS l
-             LEFT JOIN records r ON r.kind = $1 AND r.key = $2",
+        self.conn.query(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
             &[&kind, &key],
         )?;
-        match rows.first() {
-            Some(row) if row.try_get::<_, Option<String>>(0)?.is_some() => {
-                Ok(Some(read_record(row)?))
-            }
-            _ => Ok(None),
-        }
+        self.conn
+            .query_opt(
+                "SELECT kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version
+                 FROM records WHERE kind = $1 AND key = $2",
+                &[&kind, &key],
+            )?
+            .map(|r| read_record(&r))
+            .transpose()
     }
 
     fn put_record(&mut self, r: &Record) -> Result<(), StoreError> {
@@ -288,19 +294,22 @@ impl StoreTx for Tx<'_> {
         Ok(())
     }
 
+    // Savepoint commands use the simple-query protocol: after a failed statement the transaction
+    // refuses to prepare anything, including the ROLLBACK TO that would repair it.
     fn savepoint(&mut self) -> Result<(), StoreError> {
-        self.conn.execute("SAVEPOINT event", &[])?;
+        self.conn.client.batch_execute("SAVEPOINT event")?;
         Ok(())
     }
 
     fn release_savepoint(&mut self) -> Result<(), StoreError> {
-        self.conn.execute("RELEASE SAVEPOINT event", &[])?;
+        self.conn.client.batch_execute("RELEASE SAVEPOINT event")?;
         Ok(())
     }
 
     fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
-        self.conn.execute("ROLLBACK TO SAVEPOINT event", &[])?;
-        self.conn.execute("RELEASE SAVEPOINT event", &[])?;
+        self.conn
+            .client
+            .batch_execute("ROLLBACK TO SAVEPOINT event; RELEASE SAVEPOINT event")?;
         Ok(())
     }
 }

@@ -10,3 +10,4 @@ mod erp;
 mod helpers;
 mod ops;
 mod resilience;
+mod store_conformance;
