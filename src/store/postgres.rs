@@ -24,7 +24,7 @@ use super::{
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_core.sql")];
 const READERS_KEPT: usize = 4;
 /// Session advisory lock key held while migrating ("subgate" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7375_6267_6174_65;
+const MIGRATION_LOCK: i64 = 0x0073_7562_6761_7465;
 
 impl From<postgres::Error> for StoreError {
     fn from(e: postgres::Error) -> Self {
