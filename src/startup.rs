@@ -64,7 +64,13 @@ pub fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Arc<dyn 
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
-        let store = open_store(&settings, settings.store.migrate_on_start)?;
+        // Opening and migrating block (file I/O, network for PostgreSQL): off the async workers.
+        let opening = settings.clone();
+        let store = tokio::task::spawn_blocking(move || {
+            open_store(&opening, opening.store.migrate_on_start)
+        })
+        .await
+        .context("store task failed")??;
         Self::build_with_store(settings, store).await
     }
 

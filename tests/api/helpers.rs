@@ -134,7 +134,11 @@ impl TestApp {
 
     /// A separate handle on the same database, to assert on rows directly.
     pub fn store(&self) -> std::sync::Arc<dyn Store> {
-        subgate::store::open(&self.settings).expect("store opens")
+        let settings = self.settings.clone();
+        // A blocking client (PostgreSQL) must not be created on an async worker.
+        std::thread::spawn(move || subgate::store::open(&settings).expect("store opens"))
+            .join()
+            .expect("store thread")
     }
 
     /// Graceful stop; returns what `run_until_stopped` returned.

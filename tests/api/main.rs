@@ -4,10 +4,11 @@
 mod akinon;
 mod cli;
 mod consents;
-mod erp;
+pub mod erp;
 // Shared harness: not every test module uses every helper.
 #[allow(dead_code)]
 mod helpers;
 mod ops;
-mod resilience;
-mod store_conformance;
+mod postgres;
+pub mod resilience;
+pub mod store_conformance;

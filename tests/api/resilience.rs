@@ -123,7 +123,7 @@ async fn broker_closing_the_connection_mid_stream_loses_and_duplicates_nothing()
 }
 
 /// `subgate serve` as a separate process.
-struct Subgate {
+pub struct Subgate {
     child: Child,
     base: String,
 }
@@ -136,7 +136,7 @@ fn free_port() -> u16 {
 }
 
 impl Subgate {
-    fn start(dir: &Path, overrides: &[(&str, &str)]) -> Self {
+    pub fn start(dir: &Path, overrides: &[(&str, &str)]) -> Self {
         let port = free_port();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_subgate"));
         cmd.arg("serve")
@@ -161,7 +161,7 @@ impl Subgate {
         }
     }
 
-    async fn wait_ready(&self) {
+    pub async fn wait_ready(&self) {
         let client = reqwest::Client::new();
         let url = format!("{}/readyz", self.base);
         eventually(30, "subgate process ready", || async {
@@ -171,7 +171,7 @@ impl Subgate {
         .await;
     }
 
-    fn kill_9(&mut self) {
+    pub fn kill_9(&mut self) {
         self.child.kill().expect("SIGKILL");
         let _ = self.child.wait();
     }
