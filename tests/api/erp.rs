@@ -94,6 +94,12 @@ pub struct ErpQueues {
     pub subscriptions: String,
 }
 
+impl Default for ErpQueues {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl ErpQueues {
     pub fn new() -> Self {
         Self {
