@@ -27,6 +27,10 @@ struct Options {
     messages: usize,
     rounds: usize,
     prefetch: u16,
+    /// sqlite | postgres (a fresh database per round on 127.0.0.1:5432)
+    store: String,
+    /// subgate processes consuming the queue side by side
+    instances: usize,
 }
 
 fn options() -> Options {
@@ -35,6 +39,8 @@ fn options() -> Options {
         messages: 100_000,
         rounds: 3,
         prefetch: 256,
+        store: "sqlite".into(),
+        instances: 1,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -45,6 +51,8 @@ fn options() -> Options {
             "--messages" => o.messages = v.parse().expect("--messages N"),
             "--rounds" => o.rounds = v.parse().expect("--rounds N"),
             "--prefetch" => o.prefetch = v.parse().expect("--prefetch N"),
+            "--store" => o.store = v.clone(),
+            "--instances" => o.instances = v.parse().expect("--instances N"),
             other => panic!("unknown option {other}"),
         }
         i += 2;
@@ -241,55 +249,105 @@ fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-/// (b) subgate end to end; returns (msg/s, peak RSS KiB).
+fn store_url(store: &str, dir: &std::path::Path) -> String {
+    if store == "postgres" {
+        let name = format!("subgate_bench_{}", fastrand::u64(..));
+        let mut admin = postgres::Client::connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+            postgres::NoTls,
+        )
+        .expect("PostgreSQL on 127.0.0.1:5432");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create database");
+        format!("postgres://postgres@127.0.0.1:5432/{name}")
+    } else {
+        format!("sqlite://{}", dir.join("bench.db").display())
+    }
+}
+
+/// (b) subgate end to end (`o.instances` processes on one store); returns (msg/s, peak RSS KiB
+/// of the largest process).
 async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
     let dir = std::env::temp_dir().join(format!("subgate-bench-{}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port");
-    let mut child = Command::new(&o.binary)
-        .arg("serve")
-        .env("SUBGATE__HTTP__ADDR", format!("127.0.0.1:{port}"))
-        .env(
-            "SUBGATE__STORE__URL",
-            format!("sqlite://{}", dir.join("bench.db").display()),
-        )
-        .env("SUBGATE__ERP__CUSTOMER_QUEUE", queue)
-        .env("SUBGATE__ERP__SUBSCRIPTION_QUEUE", format!("{queue}-subs"))
-        .env("SUBGATE__AMQP__PREFETCH", o.prefetch.to_string())
-        // The bench owns the (plain quorum) queue, as an upstream would: subgate only verifies.
-        .env("SUBGATE__ERP__DECLARE", "false")
+    let url = {
+        let (store, dir) = (o.store.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || store_url(&store, &dir))
+            .await
+            .expect("store url")
+    };
+    // Migrate once before the instances start, so they all start consuming at once.
+    let status = Command::new(&o.binary)
+        .arg("migrate")
+        .env("SUBGATE__STORE__URL", &url)
         .env("SUBGATE__LOG__LEVEL", "warn")
         .stdout(Stdio::null())
-        .spawn()
-        .expect("subgate starts");
+        .status()
+        .expect("migrate runs");
+    assert!(status.success(), "migrate failed");
+    let mut children = Vec::new();
+    let mut urls = Vec::new();
+    for _ in 0..o.instances {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("port");
+        let child = Command::new(&o.binary)
+            .arg("serve")
+            .env("SUBGATE__HTTP__ADDR", format!("127.0.0.1:{port}"))
+            .env("SUBGATE__STORE__URL", &url)
+            .env("SUBGATE__ERP__CUSTOMER_QUEUE", queue)
+            .env("SUBGATE__ERP__SUBSCRIPTION_QUEUE", format!("{queue}-subs"))
+            .env("SUBGATE__AMQP__PREFETCH", o.prefetch.to_string())
+            // The bench owns the (plain quorum) queue, as an upstream would: subgate only verifies.
+            .env("SUBGATE__ERP__DECLARE", "false")
+            .env("SUBGATE__LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("subgate starts");
+        children.push(child);
+        urls.push(format!("http://127.0.0.1:{port}/metrics"));
+    }
     let client = reqwest::Client::new();
-    let url = format!("http://127.0.0.1:{port}/metrics");
+    let scrape = |url: String| {
+        let client = client.clone();
+        async move { client.get(&url).send().await.ok()?.text().await.ok() }
+    };
     let mut first: Option<(Instant, u64)> = None;
     let deadline = Instant::now() + Duration::from_secs(300);
     let rate = loop {
         if Instant::now() > deadline {
-            let _ = child.kill();
+            for c in &mut children {
+                let _ = c.kill();
+            }
             panic!("subgate did not drain the queue within 300 s");
         }
-        if let Ok(r) = client.get(&url).send().await {
-            if let Ok(text) = r.text().await {
-                let c = committed(&text);
-                if c > 0 && first.is_none() {
-                    first = Some((Instant::now(), c));
-                }
-                if c as usize >= n {
-                    let (t0, c0) = first.expect("first sample");
-                    break (c - c0) as f64 / t0.elapsed().as_secs_f64();
-                }
+        let mut total = 0;
+        let mut all_answered = true;
+        for url in &urls {
+            match scrape(url.clone()).await {
+                Some(text) => total += committed(&text),
+                None => all_answered = false,
+            }
+        }
+        if all_answered {
+            if total > 0 && first.is_none() {
+                first = Some((Instant::now(), total));
+            }
+            if total as usize >= n {
+                let (t0, c0) = first.expect("first sample");
+                break (total - c0) as f64 / t0.elapsed().as_secs_f64();
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let rss = peak_rss_kib(child.id());
-    if let Ok(text) = async { client.get(&url).send().await?.text().await }.await {
+    let rss = children
+        .iter()
+        .map(|c| peak_rss_kib(c.id()))
+        .max()
+        .unwrap_or(0);
+    if let Some(text) = scrape(urls[0].clone()).await {
         let value = |name: &str| -> f64 {
             text.lines()
                 .find(|l| l.starts_with(name))
@@ -298,16 +356,18 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
         };
         let batches = value("subgate_batch_size_count");
         println!(
-            "    subgate: {batches:.0} batches, mean batch {:.1} events, mean commit {:.2} ms",
+            "    subgate[0]: {batches:.0} batches, mean batch {:.1} events, mean commit {:.2} ms",
             value("subgate_batch_size_sum") / batches.max(1.0),
             1000.0 * value("subgate_commit_seconds_sum")
                 / value("subgate_commit_seconds_count").max(1.0)
         );
     }
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
+    for c in &mut children {
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let _ = c.wait();
+    }
     let _ = std::fs::remove_dir_all(&dir);
     (rate, rss)
 }
@@ -323,11 +383,13 @@ async fn main() {
     let conn = connect().await;
     let queue = format!("bench-erp-{}", std::process::id());
     println!(
-        "bench-amqp: {} persistent ERP customer messages (~{} bytes) per run, quorum queue, prefetch {}, {} rounds",
+        "bench-amqp: {} persistent ERP customer messages (~{} bytes) per run, quorum queue, prefetch {}, {} rounds, store {}, {} subgate instance(s)",
         o.messages,
         body(0, 12345).len(),
         o.prefetch,
-        o.rounds
+        o.rounds,
+        o.store,
+        o.instances
     );
     let (mut bare, mut sub, mut ratios, mut peak) = (vec![], vec![], vec![], 0u64);
     for round in 0..o.rounds {
