@@ -85,6 +85,7 @@ pub struct AmqpSettings {
     pub reconnect_max_ms: u64,
     pub heartbeat_secs: u16,
     pub connection_name: String,
+    pub single_active_consumer: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

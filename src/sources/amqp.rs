@@ -486,6 +486,9 @@ async fn declare_topology(
     args.insert(field("x-queue-type")?, text(queue_type));
     args.insert(field("x-dead-letter-exchange")?, text(dlx));
     args.insert(field("x-dead-letter-routing-key")?, text(&spec.queue));
+    if settings.amqp.single_active_consumer {
+        args.insert(field("x-single-active-consumer")?, FieldValue::t(true));
+    }
     if quorum {
         args.insert(field("x-dead-letter-strategy")?, text("at-least-once"));
         args.insert(field("x-overflow")?, text("reject-publish"));
