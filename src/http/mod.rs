@@ -2,6 +2,7 @@
 
 pub mod auth;
 mod error;
+mod loymax;
 mod ops;
 mod read_api;
 
@@ -28,6 +29,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ops::routes())
         .merge(read_api::routes())
+        .merge(loymax::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

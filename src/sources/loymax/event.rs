@@ -413,7 +413,7 @@ pub fn decode(
                 .and_then(Value::as_object)
                 .and_then(CardSnapshot::read)
                 .ok_or_else(|| missing("missing_card", "`newCard` has no cardId or cardNumber"))?;
-            let old_card = object
+            let mut old_card = object
                 .get("oldCard")
                 .and_then(Value::as_object)
                 .and_then(CardSnapshot::read);
@@ -436,8 +436,11 @@ pub fn decode(
                     .to_owned()
                 });
             let replace = link_type.eq_ignore_ascii_case("ReplaceCard");
-            if replace && old_card.is_none() {
-                flags.push("replace_without_old_card");
+            match &mut old_card {
+                // A replaced card is `Replaced`, whatever state its model was captured in.
+                Some(old) if replace => old.state = Some("Replaced".to_owned()),
+                None if replace => flags.push("replace_without_old_card"),
+                _ => {}
             }
             Event::CardLink {
                 member: required_member(object, "customerInfo")?,

@@ -503,9 +503,6 @@ pub fn apply(
                 if old.key() != new.key() {
                     old.take_snapshot(old_card, when, out);
                     if *replace {
-                        if old_card.state.is_none() {
-                            old.set("state", |d| &mut d.state, "Replaced".into(), when, out);
-                        }
                         old.set(
                             "replaced_by",
                             |d| &mut d.replaced_by,
@@ -861,7 +858,7 @@ fn purchase(
     if refund {
         tx.replace_links(REFUND_MEMBER, &operation.id, &member)?;
         if let Some(refunded) = &operation.refunded_purchase_id {
-            tx.replace_links(REFUND_PURCHASE, &operation.id, &[refunded.clone()])?;
+            tx.replace_links(REFUND_PURCHASE, &operation.id, std::slice::from_ref(refunded))?;
         }
         totals.refunds = totals.refunds.checked_add(1).ok_or_else(overflow)?;
         if let Some(amount) = operation.amount {
@@ -879,4 +876,133 @@ fn purchase(
     }
     out.saved(m.save(tx, ctx)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::SqliteSynchronous,
+        sources::loymax::event::tests::{decode_text, SEEDS},
+        store::{sqlite::SqliteStore, Store},
+    };
+
+    fn store() -> SqliteStore {
+        let dir = std::env::temp_dir().join(format!("subgate-loymax-{:016x}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = SqliteStore::open(&dir.join("t.db"), SqliteSynchronous::Normal).unwrap();
+        store.migrate().unwrap();
+        store
+    }
+
+    /// Apply a body as inbox event `inbox`, with an AMQP timestamp when given.
+    fn apply_body(
+        store: &SqliteStore,
+        inbox: i64,
+        amqp_ms: Option<i64>,
+        routing_key: &str,
+        body: &str,
+    ) -> Applied {
+        let decoded = decode_text(routing_key, body).unwrap();
+        let ctx = ApplyContext {
+            inbox_id: inbox,
+            occurred_at: decoded.occurred_at.or(amqp_ms),
+            received_at: 1_700_000_000_000 + inbox,
+        };
+        let mut applied = None;
+        store
+            .write(&mut |tx| {
+                let a = apply(&decoded.event, tx, &ctx)
+                    .map_err(|e| StoreError::Failed(e.to_string()))?;
+                applied = Some(a);
+                Ok(())
+            })
+            .unwrap();
+        applied.unwrap()
+    }
+
+    fn card(store: &SqliteStore, key: &str) -> CardDoc {
+        serde_json::from_value(store.get_record(CARD, key).unwrap().unwrap().doc).unwrap()
+    }
+
+    #[test]
+    fn every_seed_example_applied_a_second_time_changes_nothing() {
+        let store = store();
+        for (i, (key, body)) in SEEDS.iter().enumerate() {
+            let inbox = 2 * i as i64 + 1;
+            assert_eq!(
+                apply_body(&store, inbox, None, key, body),
+                Applied::Changed,
+                "{key}"
+            );
+            let versions = store.get_record(MEMBER, "11").unwrap().map(|r| r.version);
+            // Received later, under another inbox id: a duplicate that slipped past its key.
+            assert_eq!(
+                apply_body(&store, inbox + 1, None, key, body),
+                Applied::NoOp,
+                "{key}"
+            );
+            assert_eq!(
+                store.get_record(MEMBER, "11").unwrap().map(|r| r.version),
+                versions
+            );
+        }
+        assert_eq!(store.history(CARD_HISTORY, "39", 100).unwrap().len(), 2);
+        let member: MemberDoc =
+            serde_json::from_value(store.get_record(MEMBER, "107").unwrap().unwrap().doc).unwrap();
+        assert_eq!(
+            member.purchases.net_amount().unwrap().to_string(),
+            "35.0000"
+        );
+    }
+
+    #[test]
+    fn an_older_card_state_never_overwrites_a_newer_one() {
+        let store = store();
+        let block = |state: bool| {
+            format!(
+                r#"{{"eventCode":"OnBlockCard","targetBlockState":{state},"cardInfo":{{"cardId":13}}}}"#
+            )
+        };
+        let key = "customer.card.changeBlockState";
+        assert_eq!(
+            apply_body(&store, 1, Some(2_000), key, &block(true)),
+            Applied::Changed
+        );
+        assert_eq!(
+            apply_body(&store, 2, Some(1_000), key, &block(false)),
+            Applied::Stale
+        );
+        assert_eq!(card(&store, "13").blocked, Some(true));
+        // Without a timestamp, arrival order decides.
+        assert_eq!(
+            apply_body(&store, 3, None, key, &block(false)),
+            Applied::Changed
+        );
+        assert_eq!(card(&store, "13").blocked, Some(false));
+        assert_eq!(store.history(CARD_HISTORY, "13", 10).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn merge_chains_are_followed_and_cycles_stop() {
+        let records: std::collections::HashMap<&str, &str> =
+            [("a", "b"), ("b", "c"), ("x", "y"), ("y", "x")].into();
+        let get = |k: &str| -> Result<Option<Record>, ()> {
+            Ok(Some(Record {
+                kind: MEMBER.into(),
+                key: k.into(),
+                doc: json!({ "merged_into": records.get(k) }),
+                hash: String::new(),
+                occurred_at: None,
+                changed_at: 0,
+                changed_by: 0,
+                seen_at: 0,
+                seen_by: 0,
+                version: 1,
+            }))
+        };
+        assert_eq!(resolve_merges("a", get).unwrap().0, ["a", "b", "c"]);
+        assert_eq!(resolve_merges("x", get).unwrap().0, ["x", "y"]);
+        assert_eq!(resolve_merges("c", get).unwrap().0, ["c"]);
+    }
 }
