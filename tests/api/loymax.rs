@@ -764,3 +764,26 @@ async fn with_declare_false_a_missing_topology_is_reported_not_created() {
         .await;
     assert!(passive.is_err());
 }
+
+#[tokio::test]
+async fn unknown_loymax_ids_answer_404_and_the_routes_are_documented() {
+    let app = spawn_app(&[]).await;
+    for path in [
+        "/api/v1/loymax/members/nope",
+        "/api/v1/loymax/members/nope/purchases",
+        "/api/v1/loymax/cards/nope",
+    ] {
+        let (status, body) = app.get_json(path).await;
+        assert_eq!(status, 404, "{path}");
+        assert_eq!(body["error"]["code"], "not_found", "{path}");
+    }
+    let (_, doc) = app.get_json("/openapi.json").await;
+    for path in [
+        "/api/v1/loymax/members/{id}",
+        "/api/v1/loymax/members/{id}/purchases",
+        "/api/v1/loymax/cards/{id}",
+    ] {
+        assert!(doc["paths"][path]["get"].is_object(), "{path}");
+    }
+    app.stop().await.unwrap();
+}

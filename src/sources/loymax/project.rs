@@ -858,7 +858,11 @@ fn purchase(
     if refund {
         tx.replace_links(REFUND_MEMBER, &operation.id, &member)?;
         if let Some(refunded) = &operation.refunded_purchase_id {
-            tx.replace_links(REFUND_PURCHASE, &operation.id, std::slice::from_ref(refunded))?;
+            tx.replace_links(
+                REFUND_PURCHASE,
+                &operation.id,
+                std::slice::from_ref(refunded),
+            )?;
         }
         totals.refunds = totals.refunds.checked_add(1).ok_or_else(overflow)?;
         if let Some(amount) = operation.amount {
