@@ -21,7 +21,10 @@ use amqprs::{
 };
 use anyhow::{bail, Context};
 use clap::Parser;
-use subgate::{config::Settings, sources::loymax::ROUTING_KEYS};
+use subgate::{
+    config::{ConfigSource, Settings},
+    sources::loymax::ROUTING_KEYS,
+};
 
 const PURCHASE: &str = include_str!("../tests/fixtures/loymax/purchase_confirm.json");
 const REFUND: &str = include_str!("../tests/fixtures/loymax/purchase_refund.json");
@@ -47,12 +50,32 @@ struct Args {
     /// Runs of each consumer, alternating.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Only one event type instead of the mix (to see what each costs): purchase, refund,
+    /// attribute, subscription, block, category, activation, registration, link.
+    #[arg(long)]
+    only: Option<String>,
+}
+
+/// The roll (0..100) that picks each event type in [`stream`].
+fn roll_of(only: &str) -> anyhow::Result<u32> {
+    Ok(match only {
+        "purchase" => 0,
+        "refund" => 70,
+        "attribute" => 75,
+        "subscription" => 83,
+        "block" => 88,
+        "category" => 92,
+        "activation" => 95,
+        "registration" => 97,
+        "link" => 99,
+        other => bail!("--only {other}: not an event type of the mix"),
+    })
 }
 
 /// The stream: (routing key, body). Shares: 70 % purchases, 5 % refunds, 8 % attribute updates,
 /// 5 % subscription changes, 4 % block/unblock, 3 % category changes, 2 % activations, 2 %
 /// registrations, 1 % card links.
-fn stream(n: usize, members: u32) -> Vec<(&'static str, Vec<u8>)> {
+fn stream(n: usize, members: u32, only: Option<u32>) -> Vec<(&'static str, Vec<u8>)> {
     let mut rng = fastrand::Rng::with_seed(4);
     let mut purchases: Vec<u64> = Vec::new();
     (0..n)
@@ -61,7 +84,7 @@ fn stream(n: usize, members: u32) -> Vec<(&'static str, Vec<u8>)> {
             let member = rng.u32(1..=members);
             let customer = format!("\"customerId\":{member}");
             let card = u64::from(member) * 2;
-            let roll = rng.u32(0..100);
+            let roll = only.unwrap_or_else(|| rng.u32(0..100));
             let (key, body) = match roll {
                 0..70 => {
                     let id = 1_000_000 + i;
@@ -306,6 +329,13 @@ async fn drain_bare(
     Ok(elapsed)
 }
 
+/// The value of an unlabelled sample (`name value`) on a Prometheus page.
+fn sample(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Sum of `subgate_committed_total{source="loymax",…}` on a Prometheus page.
 fn committed(page: &str) -> f64 {
     page.lines()
@@ -381,6 +411,18 @@ async fn drain_subgate(args: &Args, t: &Topology, n: usize) -> anyhow::Result<(D
     }
     let elapsed = started.elapsed();
     let rss = peak_rss_kb(child.id()).unwrap_or(0);
+    let page = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let batches = sample(&page, "subgate_batch_size_count");
+    println!(
+        "       subgate: {batches} commits, mean batch {:.0} events, mean commit {:.1} ms",
+        sample(&page, "subgate_batch_size_sum") / batches.max(1.0),
+        1000.0 * sample(&page, "subgate_commit_seconds_sum") / batches.max(1.0)
+    );
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -401,14 +443,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let settings = Settings::defaults()?;
+    // The same configuration subgate will see (SUBGATE__… variables apply to both consumers).
+    let settings = Settings::load(&ConfigSource::from_process(None))?;
     let prefetch = settings.amqp.prefetch;
     let n = args.messages;
-    let stream = stream(n, args.members);
+    let only = args.only.as_deref().map(roll_of).transpose()?;
+    let stream = stream(n, args.members, only);
     let bytes: usize = stream.iter().map(|(_, b)| b.len()).sum();
     println!(
-        "Loymax mixed stream: {n} persistent messages (70% purchases), {} distinct members, \
+        "Loymax stream ({}): {n} persistent messages, {} distinct members, \
          mean body {} bytes; quorum queue via a topic exchange; prefetch {prefetch}",
+        args.only.as_deref().unwrap_or("mixed, 70% purchases"),
         args.members,
         bytes / n.max(1)
     );
