@@ -42,6 +42,7 @@ pub struct Settings {
     pub store: StoreSettings,
     pub amqp: AmqpSettings,
     pub erp: ErpSettings,
+    pub loymax: LoymaxSettings,
     pub ingest: IngestSettings,
     pub log: LogSettings,
     pub shutdown: ShutdownSettings,
@@ -102,6 +103,17 @@ pub struct ErpSettings {
     pub subscription_queue: String,
     pub declare: bool,
     pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoymaxSettings {
+    pub enabled: bool,
+    pub queue: String,
+    pub exchange: String,
+    pub declare: bool,
+    pub extra_routing_keys: Vec<String>,
+    pub phone_region: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -282,6 +294,8 @@ impl Settings {
             ("erp.customer_queue", &self.erp.customer_queue),
             ("erp.subscription_queue", &self.erp.subscription_queue),
             ("amqp.dead_letter_exchange", &self.amqp.dead_letter_exchange),
+            ("loymax.queue", &self.loymax.queue),
+            ("loymax.exchange", &self.loymax.exchange),
         ] {
             if value.trim().is_empty() || value.len() > 255 {
                 return Err(invalid(
@@ -339,6 +353,19 @@ impl Settings {
             return Err(invalid(
                 "consent.link_base_url",
                 "must start with http:// or https://",
+            ));
+        }
+        crate::consent::Normaliser::new(&self.loymax.phone_region)
+            .map_err(|m| invalid("loymax.phone_region", m))?;
+        if self
+            .loymax
+            .extra_routing_keys
+            .iter()
+            .any(|k| k.is_empty() || k.len() > 255)
+        {
+            return Err(invalid(
+                "loymax.extra_routing_keys",
+                "each routing key must be non-empty and at most 255 bytes",
             ));
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
@@ -572,6 +599,10 @@ mod tests {
         assert_eq!(s.amqp.queue_type, QueueType::Quorum);
         assert_eq!(s.shutdown.timeout, Duration::from_secs(20));
         assert_eq!(s.dead_letter_queue_for("q"), "q.dead");
+        assert!(!s.loymax.enabled);
+        assert_eq!(s.loymax.queue, "smc.customerEvents");
+        assert_eq!(s.loymax.exchange, "loymax.events");
+        assert_eq!(s.loymax.phone_region, "RU");
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::{
     sources::{
         amqp::{AmqpConsumer, QueueSpec},
         erp::{ErpDecoder, Feed},
+        loymax::{self, LoymaxDecoder},
     },
     store::{self, Store},
     telemetry,
@@ -32,7 +33,7 @@ pub struct Application {
 }
 
 /// The AMQP queues every enabled source consumes.
-pub fn queue_specs(settings: &Settings) -> Vec<QueueSpec> {
+pub fn queue_specs(settings: &Settings) -> anyhow::Result<Vec<QueueSpec>> {
     let mut specs = Vec::new();
     if settings.erp.enabled {
         for (queue, feed) in [
@@ -47,7 +48,17 @@ pub fn queue_specs(settings: &Settings) -> Vec<QueueSpec> {
             });
         }
     }
-    specs
+    if settings.loymax.enabled {
+        let phones = crate::consent::Normaliser::new(&settings.loymax.phone_region)
+            .map_err(|e| anyhow::anyhow!("loymax.phone_region: {e}"))?;
+        specs.push(QueueSpec {
+            queue: settings.loymax.queue.clone(),
+            declare: settings.loymax.declare,
+            exchange: Some(loymax::exchange_spec(&settings.loymax)),
+            decoder: Arc::new(LoymaxDecoder::new(phones)),
+        });
+    }
+    Ok(specs)
 }
 
 /// Open the store named by the settings and apply migrations if asked to.
@@ -89,7 +100,7 @@ impl Application {
             tokio::runtime::Handle::current(),
         );
         let health = Health::default();
-        let queues = queue_specs(&settings);
+        let queues = queue_specs(&settings)?;
         for q in &queues {
             health.set(&q.component(), false, "connecting");
         }

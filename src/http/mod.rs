@@ -4,6 +4,7 @@ pub mod akinon;
 pub mod auth;
 mod consents;
 mod error;
+mod loymax;
 mod ops;
 mod read_api;
 
@@ -34,6 +35,7 @@ pub fn router(state: AppState) -> Router {
         .merge(read_api::routes())
         .merge(akinon::routes(&state))
         .merge(consents::routes())
+        .merge(loymax::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

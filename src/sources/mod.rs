@@ -4,8 +4,10 @@
 //! - [`erp`]: the ERP customer and subscription snapshots;
 //! - [`akinon`]: the Akinon Extension Subscription Gateway calls (HTTP: [`crate::http::akinon`]);
 //! - [`consents`]: opt-outs from outside Akinon (admin reports, one-click unsubscribe links).
+//! - [`loymax`]: the Loymax loyalty events (members, cards, purchases).
 
 pub mod akinon;
 pub mod amqp;
 pub mod consents;
 pub mod erp;
+pub mod loymax;
