@@ -29,6 +29,38 @@ pub struct SqliteStore {
     writer: Mutex<Connection>,
     /// Idle read connections; WAL lets them read while the writer commits.
     readers: Mutex<Vec<Connection>>,
+    /// Dropping it stops the background checkpointer.
+    _checkpointer: Checkpointer,
+}
+
+/// Copies the WAL back into the database file from its own thread and connection, so the
+/// ingest writer's commits never pay for a checkpoint (the writer's autocheckpoint is off).
+struct Checkpointer {
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(250);
+
+impl Checkpointer {
+    fn start(path: &Path, synchronous: SqliteSynchronous) -> Result<Self, StoreError> {
+        let conn = open_connection(path, synchronous)?;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        std::thread::Builder::new()
+            .name("subgate-checkpoint".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    if let Err(e) =
+                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    {
+                        tracing::warn!(error = %e, "WAL checkpoint failed");
+                    }
+                }
+            })
+            .map_err(|e| StoreError::Failed(format!("cannot start the checkpointer: {e}")))?;
+        Ok(Self { _stop: stop })
+    }
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -61,11 +93,13 @@ impl SqliteStore {
             })?;
         }
         let writer = open_connection(path, synchronous)?;
+        writer.pragma_update(None, "wal_autocheckpoint", 0)?;
         Ok(Self {
             path: path.to_owned(),
             synchronous,
             writer: Mutex::new(writer),
             readers: Mutex::new(Vec::new()),
+            _checkpointer: Checkpointer::start(path, synchronous)?,
         })
     }
 
@@ -120,6 +154,9 @@ fn open_connection(path: &Path, synchronous: SqliteSynchronous) -> Result<Connec
     conn.pragma_update(None, "synchronous", sync)?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     conn.pragma_update(None, "cache_size", -16_000)?;
+    // Savepoint (statement) journals in memory: one savepoint per event otherwise writes a
+    // temporary file.
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     conn.set_prepared_statement_cache_capacity(64);
     Ok(conn)
 }
