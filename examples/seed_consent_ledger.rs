@@ -45,7 +45,7 @@ fn seed(db: &Path, changes: u64, days: u64, end: i64) -> Result<(), StoreError> 
     let span_ms = (days * 86_400_000) as i64;
     let start = end - span_ms;
     let addresses = (changes / 5).max(1);
-    let meta = json!({ "transport": "seed" });
+    let meta = json!({ "transport": "seed" }).to_string();
     let batch = 20_000u64;
     let mut i = 0u64;
     while i < changes {

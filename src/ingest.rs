@@ -76,6 +76,8 @@ pub type Reply = oneshot::Receiver<Result<IngestOutcome, IngestError>>;
 
 struct Job {
     envelope: Envelope,
+    /// `envelope.meta` serialised by the caller, off the writer thread.
+    meta_json: String,
     reply: oneshot::Sender<Result<IngestOutcome, IngestError>>,
 }
 
@@ -91,8 +93,13 @@ impl Ingest {
     /// resolves after the event's batch has committed or failed.
     pub async fn enqueue(&self, envelope: Envelope) -> Result<Reply, IngestError> {
         let (reply, rx) = oneshot::channel();
+        let meta_json = serde_json::to_string(&envelope.meta).unwrap_or_else(|_| "{}".into());
         self.jobs
-            .send(Job { envelope, reply })
+            .send(Job {
+                envelope,
+                meta_json,
+                reply,
+            })
             .await
             .map_err(|_| IngestError::Closed)?;
         Ok(rx)
@@ -183,7 +190,7 @@ fn commit_batch(store: &dyn Store, batch: &mut Vec<Job>) {
             store.write(&mut |tx| {
                 results.clear();
                 for job in batch.iter() {
-                    results.push(ingest_one(tx, &job.envelope)?);
+                    results.push(ingest_one(tx, &job.envelope, &job.meta_json)?);
                 }
                 Ok(())
             })
@@ -241,9 +248,13 @@ fn commit_batch(store: &dyn Store, batch: &mut Vec<Job>) {
 
 /// One event inside the batch transaction, isolated by a savepoint: a transient store error
 /// aborts the batch (`Err`), anything else rejects this event only (`Ok(Err(reason))`).
-fn ingest_one(tx: &mut dyn StoreTx, env: &Envelope) -> Result<EventResult, StoreError> {
+fn ingest_one(
+    tx: &mut dyn StoreTx,
+    env: &Envelope,
+    meta_json: &str,
+) -> Result<EventResult, StoreError> {
     tx.savepoint()?;
-    match record_event(tx, env) {
+    match record_event(tx, env, meta_json) {
         Ok(outcome) => {
             tx.release_savepoint()?;
             Ok(Ok(outcome))
@@ -256,7 +267,11 @@ fn ingest_one(tx: &mut dyn StoreTx, env: &Envelope) -> Result<EventResult, Store
     }
 }
 
-fn record_event(tx: &mut dyn StoreTx, env: &Envelope) -> Result<IngestOutcome, ApplyError> {
+fn record_event(
+    tx: &mut dyn StoreTx,
+    env: &Envelope,
+    meta_json: &str,
+) -> Result<IngestOutcome, ApplyError> {
     let entry = InboxEntry {
         source: env.source,
         kind: &env.kind,
@@ -264,7 +279,7 @@ fn record_event(tx: &mut dyn StoreTx, env: &Envelope) -> Result<IngestOutcome, A
         dedupe_key: &env.dedupe_key,
         occurred_at: env.occurred_at,
         received_at: env.received_at,
-        meta: &env.meta,
+        meta: meta_json,
         raw: &env.raw,
     };
     match tx.insert_inbox(&entry)? {
@@ -296,7 +311,15 @@ fn record_event(tx: &mut dyn StoreTx, env: &Envelope) -> Result<IngestOutcome, A
                     return Ok(duplicate(first));
                 }
             };
-            match env.change.apply(tx, &context(env, inbox_id))? {
+            let applied = match env.change.apply(tx, &context(env, inbox_id)) {
+                Ok(applied) => applied,
+                Err(e) => {
+                    // Undo this attempt's savepoint; the caller rolls back the event's own.
+                    tx.rollback_to_savepoint()?;
+                    return Err(e);
+                }
+            };
+            match applied {
                 Applied::Changed => {
                     tx.set_inbox_outcome(inbox_id, Applied::Changed.as_str())?;
                     tx.release_savepoint()?;

@@ -4,7 +4,7 @@ use serde_json::Value;
 
 use crate::{
     envelope::{Applied, ApplyContext},
-    store::{content_hash, Record, StoreError, StoreTx},
+    store::{hash_bytes, RecordRow, StoreError, StoreTx},
 };
 
 /// Apply a snapshot of one entity by change detection:
@@ -18,40 +18,39 @@ pub fn apply_snapshot(
     doc: Value,
     ctx: &ApplyContext,
 ) -> Result<Applied, StoreError> {
-    let hash = content_hash(&doc);
-    let Some(mut record) = tx.get_record(kind, key)? else {
-        tx.put_record(&Record {
-            kind: kind.to_owned(),
-            key: key.to_owned(),
-            doc,
-            hash,
-            occurred_at: ctx.occurred_at,
-            changed_at: ctx.received_at,
-            changed_by: ctx.inbox_id,
-            seen_at: ctx.received_at,
-            seen_by: ctx.inbox_id,
-            version: 1,
-        })?;
+    // Serialised once: the hash and the stored row come from the same bytes, and the current
+    // record's document is never parsed (only its hash is compared).
+    let doc_json = serde_json::to_string(&doc)
+        .map_err(|e| StoreError::Failed(format!("cannot serialise a snapshot: {e}")))?;
+    let hash = hash_bytes(doc_json.as_bytes());
+    let mut row = RecordRow {
+        kind,
+        key,
+        doc_json: &doc_json,
+        hash: &hash,
+        occurred_at: ctx.occurred_at,
+        changed_at: ctx.received_at,
+        changed_by: ctx.inbox_id,
+        seen_at: ctx.received_at,
+        seen_by: ctx.inbox_id,
+        version: 1,
+    };
+    let Some(current) = tx.get_record_head(kind, key)? else {
+        tx.put_record_row(&row)?;
         return Ok(Applied::Changed);
     };
-    if let (Some(new), Some(current)) = (ctx.occurred_at, record.occurred_at) {
+    if let (Some(new), Some(current)) = (ctx.occurred_at, current.occurred_at) {
         if new < current {
             return Ok(Applied::Stale);
         }
     }
-    record.seen_at = ctx.received_at;
-    record.seen_by = ctx.inbox_id;
-    record.occurred_at = record.occurred_at.max(ctx.occurred_at);
-    let applied = if record.hash == hash {
-        Applied::NoOp
-    } else {
-        record.doc = doc;
-        record.hash = hash;
-        record.changed_at = ctx.received_at;
-        record.changed_by = ctx.inbox_id;
-        record.version += 1;
-        Applied::Changed
-    };
-    tx.put_record(&record)?;
-    Ok(applied)
+    let occurred_at = current.occurred_at.max(ctx.occurred_at);
+    if current.hash == hash {
+        tx.touch_record(kind, key, ctx.received_at, ctx.inbox_id, occurred_at)?;
+        return Ok(Applied::NoOp);
+    }
+    row.occurred_at = occurred_at;
+    row.version = current.version + 1;
+    tx.put_record_row(&row)?;
+    Ok(Applied::Changed)
 }

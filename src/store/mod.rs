@@ -47,8 +47,8 @@ pub struct InboxEntry<'a> {
     pub occurred_at: Option<i64>,
     /// Unix milliseconds subgate received it.
     pub received_at: i64,
-    /// Transport metadata (AMQP properties, HTTP request id, …) as JSON.
-    pub meta: &'a Value,
+    /// Transport metadata (AMQP properties, HTTP request id, …), serialised JSON.
+    pub meta: &'a str,
     pub raw: &'a [u8],
 }
 
@@ -96,6 +96,29 @@ pub struct Record {
     pub version: i64,
 }
 
+/// What change detection needs of a record: no document, so nothing to parse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordHead {
+    pub hash: String,
+    pub occurred_at: Option<i64>,
+    pub version: i64,
+}
+
+/// A record as written, with its document already serialised.
+#[derive(Debug, Clone)]
+pub struct RecordRow<'a> {
+    pub kind: &'a str,
+    pub key: &'a str,
+    pub doc_json: &'a str,
+    pub hash: &'a str,
+    pub occurred_at: Option<i64>,
+    pub changed_at: i64,
+    pub changed_by: i64,
+    pub seen_at: i64,
+    pub seen_by: i64,
+    pub version: i64,
+}
+
 /// One entry of an append-only timeline.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct HistoryEntry {
@@ -112,7 +135,35 @@ pub trait StoreTx {
     fn insert_inbox(&mut self, entry: &InboxEntry<'_>) -> Result<InboxInsert, StoreError>;
     fn set_inbox_outcome(&mut self, id: i64, outcome: &str) -> Result<(), StoreError>;
     fn get_record(&mut self, kind: &str, key: &str) -> Result<Option<Record>, StoreError>;
-    fn put_record(&mut self, record: &Record) -> Result<(), StoreError>;
+    /// Hash, time and version of a record (locks it like `get_record` does).
+    fn get_record_head(&mut self, kind: &str, key: &str) -> Result<Option<RecordHead>, StoreError>;
+    /// Insert or replace a record.
+    fn put_record_row(&mut self, row: &RecordRow<'_>) -> Result<(), StoreError>;
+    /// A no-op event: only "last seen" and the newest `occurred_at` move.
+    fn touch_record(
+        &mut self,
+        kind: &str,
+        key: &str,
+        seen_at: i64,
+        seen_by: i64,
+        occurred_at: Option<i64>,
+    ) -> Result<(), StoreError>;
+    fn put_record(&mut self, record: &Record) -> Result<(), StoreError> {
+        let doc_json = serde_json::to_string(&record.doc)
+            .map_err(|e| StoreError::Failed(format!("cannot serialise a record: {e}")))?;
+        self.put_record_row(&RecordRow {
+            kind: &record.kind,
+            key: &record.key,
+            doc_json: &doc_json,
+            hash: &record.hash,
+            occurred_at: record.occurred_at,
+            changed_at: record.changed_at,
+            changed_by: record.changed_by,
+            seen_at: record.seen_at,
+            seen_by: record.seen_by,
+            version: record.version,
+        })
+    }
     /// Make `from`'s links of this kind exactly `to`.
     fn replace_links(&mut self, kind: &str, from: &str, to: &[String]) -> Result<(), StoreError>;
     fn append_history(&mut self, entry: &HistoryEntry) -> Result<(), StoreError>;
@@ -171,7 +222,11 @@ pub fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, StoreError
 
 /// Hex SHA-256 of a JSON document's serialisation (change detection).
 pub fn content_hash(doc: &Value) -> String {
+    hash_bytes(&serde_json::to_vec(doc).unwrap_or_default())
+}
+
+/// Hex SHA-256 of serialised bytes.
+pub fn hash_bytes(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    let bytes = serde_json::to_vec(doc).unwrap_or_default();
-    hex::encode(Sha256::digest(&bytes))
+    hex::encode(Sha256::digest(bytes))
 }

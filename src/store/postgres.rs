@@ -17,8 +17,8 @@ use postgres::{error::SqlState, types::ToSql, Client, NoTls, Row, Statement};
 use serde_json::Value;
 
 use super::{
-    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, Record, Store, StoreError,
-    StoreTx,
+    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, Record, RecordHead, RecordRow,
+    Store, StoreError, StoreTx,
 };
 
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_core.sql")];
@@ -208,7 +208,7 @@ struct Tx<'c> {
 
 impl StoreTx for Tx<'_> {
     fn insert_inbox(&mut self, e: &InboxEntry<'_>) -> Result<InboxInsert, StoreError> {
-        let meta = to_json(e.meta);
+        let meta = e.meta;
         let inserted = self.conn.query_opt(
             "INSERT INTO inbox (source, kind, entity, dedupe_key, occurred_at, received_at, meta, raw)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (dedupe_key) DO NOTHING RETURNING id",
@@ -257,8 +257,27 @@ impl StoreTx for Tx<'_> {
             .transpose()
     }
 
-    fn put_record(&mut self, r: &Record) -> Result<(), StoreError> {
-        let doc = to_json(&r.doc);
+    fn get_record_head(&mut self, kind: &str, key: &str) -> Result<Option<RecordHead>, StoreError> {
+        self.conn.query(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
+            &[&kind, &key],
+        )?;
+        self.conn
+            .query_opt(
+                "SELECT hash, occurred_at, version FROM records WHERE kind = $1 AND key = $2",
+                &[&kind, &key],
+            )?
+            .map(|r| {
+                Ok(RecordHead {
+                    hash: r.try_get(0)?,
+                    occurred_at: r.try_get(1)?,
+                    version: r.try_get(2)?,
+                })
+            })
+            .transpose()
+    }
+
+    fn put_record_row(&mut self, r: &RecordRow<'_>) -> Result<(), StoreError> {
         self.conn.execute(
             "INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
@@ -266,7 +285,22 @@ impl StoreTx for Tx<'_> {
                occurred_at = excluded.occurred_at, changed_at = excluded.changed_at,
                changed_by = excluded.changed_by, seen_at = excluded.seen_at,
                seen_by = excluded.seen_by, version = excluded.version",
-            &[&r.kind, &r.key, &doc, &r.hash, &r.occurred_at, &r.changed_at, &r.changed_by, &r.seen_at, &r.seen_by, &r.version],
+            &[&r.kind, &r.key, &r.doc_json, &r.hash, &r.occurred_at, &r.changed_at, &r.changed_by, &r.seen_at, &r.seen_by, &r.version],
+        )?;
+        Ok(())
+    }
+
+    fn touch_record(
+        &mut self,
+        kind: &str,
+        key: &str,
+        seen_at: i64,
+        seen_by: i64,
+        occurred_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE records SET seen_at = $3, seen_by = $4, occurred_at = $5 WHERE kind = $1 AND key = $2",
+            &[&kind, &key, &seen_at, &seen_by, &occurred_at],
         )?;
         Ok(())
     }

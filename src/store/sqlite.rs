@@ -9,8 +9,8 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
 use super::{
-    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, Record, Store, StoreError,
-    StoreTx,
+    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, Record, RecordHead, RecordRow,
+    Store, StoreError, StoreTx,
 };
 use crate::config::SqliteSynchronous;
 
@@ -51,8 +51,7 @@ impl Checkpointer {
                 while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                     stopped.recv_timeout(CHECKPOINT_EVERY)
                 {
-                    if let Err(e) =
-                        conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
                     {
                         tracing::warn!(error = %e, "WAL checkpoint failed");
                     }
@@ -215,7 +214,7 @@ impl StoreTx for Tx<'_> {
             e.dedupe_key,
             e.occurred_at,
             e.received_at,
-            to_json(e.meta),
+            e.meta,
             e.raw
         ])?;
         if inserted == 1 {
@@ -242,7 +241,22 @@ impl StoreTx for Tx<'_> {
         get_record(self.conn, kind, key)
     }
 
-    fn put_record(&mut self, r: &Record) -> Result<(), StoreError> {
+    fn get_record_head(&mut self, kind: &str, key: &str) -> Result<Option<RecordHead>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT hash, occurred_at, version FROM records WHERE kind = ?1 AND key = ?2",
+        )?;
+        Ok(stmt
+            .query_row([kind, key], |r| {
+                Ok(RecordHead {
+                    hash: r.get(0)?,
+                    occurred_at: r.get(1)?,
+                    version: r.get(2)?,
+                })
+            })
+            .optional()?)
+    }
+
+    fn put_record_row(&mut self, r: &RecordRow<'_>) -> Result<(), StoreError> {
         self.conn
             .prepare_cached(
                 "INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
@@ -255,7 +269,7 @@ impl StoreTx for Tx<'_> {
             .execute(params![
                 r.kind,
                 r.key,
-                to_json(&r.doc),
+                r.doc_json,
                 r.hash,
                 r.occurred_at,
                 r.changed_at,
@@ -264,6 +278,23 @@ impl StoreTx for Tx<'_> {
                 r.seen_by,
                 r.version
             ])?;
+        Ok(())
+    }
+
+    fn touch_record(
+        &mut self,
+        kind: &str,
+        key: &str,
+        seen_at: i64,
+        seen_by: i64,
+        occurred_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.conn
+            .prepare_cached(
+                "UPDATE records SET seen_at = ?3, seen_by = ?4, occurred_at = ?5
+                 WHERE kind = ?1 AND key = ?2",
+            )?
+            .execute(params![kind, key, seen_at, seen_by, occurred_at])?;
         Ok(())
     }
 
