@@ -1,17 +1,18 @@
-//! Startup wiring, in one place: store → migrations → ingest writer → sources → HTTP.
-//! [`Application::build`] binds the listener first, so tests can ask for port 0 and read the
-//! real port back before running.
+//! Startup wiring, in one place: store → migrations → ingest writer → sources → HTTP (and HTTPS).
+//! [`Application::build`] binds the listeners first, so tests can ask for port 0 and read the
+//! real ports back before running.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Settings,
     health::Health,
-    http::{self, AppState},
+    http::{self, tls::TlsListener, AppState},
     ingest::{self, Ingest, IngestWriter},
     sources::{
         amqp::{AmqpConsumer, QueueSpec},
@@ -24,6 +25,8 @@ use crate::{
 pub struct Application {
     settings: Arc<Settings>,
     listener: TcpListener,
+    /// The HTTPS listener and its rustls configuration, when `listener.tls.enabled`.
+    tls: Option<(TcpListener, Arc<ServerConfig>)>,
     state: AppState,
     /// The queues to consume; the consumer owns one connection for all of them.
     queues: Vec<QueueSpec>,
@@ -64,11 +67,23 @@ pub fn open_store(settings: &Settings, migrate: bool) -> anyhow::Result<Arc<dyn 
 
 impl Application {
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        // Normally done first thing in `main`; here too for embedders and tests (idempotent).
+        http::tls::install_crypto_provider();
         let settings = Arc::new(settings);
         let store = open_store(&settings, settings.store.migrate_on_start)?;
         let listener = TcpListener::bind(settings.http.addr)
             .await
             .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
+        let tls = if settings.listener.tls.enabled {
+            let tls = &settings.listener.tls;
+            let config = http::tls::server_config(&tls.cert_path, &tls.key_path)?;
+            let listener = TcpListener::bind(tls.addr)
+                .await
+                .with_context(|| format!("cannot listen on listener.tls.addr {}", tls.addr))?;
+            Some((listener, config))
+        } else {
+            None
+        };
         let (ingest, writer) = ingest::start(
             store.clone(),
             &settings.ingest,
@@ -85,10 +100,12 @@ impl Application {
             ingest,
             health,
             metrics: telemetry::metrics_handle(),
+            listener: Arc::new(http::listener::Access::new(&settings.listener)),
         };
         Ok(Self {
             settings,
             listener,
+            tls,
             state,
             queues,
             writer,
@@ -101,6 +118,13 @@ impl Application {
             .unwrap_or(self.settings.http.addr)
     }
 
+    /// The HTTPS address, when `listener.tls.enabled`.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
     pub fn ingest(&self) -> Ingest {
         self.state.ingest.clone()
     }
@@ -111,6 +135,7 @@ impl Application {
         let Application {
             settings,
             listener,
+            tls,
             state,
             queues,
             writer,
@@ -139,6 +164,21 @@ impl Application {
         };
         let consumer = tokio::spawn(consumer.run(shutdown.clone()));
 
+        let tls_server = match tls {
+            Some((listener, config)) => {
+                let addr = listener.local_addr()?;
+                tracing::info!(%addr, "subgate serving HTTPS");
+                let app = http::tls_router(state.clone());
+                let listener = TlsListener::spawn(listener, config, shutdown.clone())?;
+                let stop = shutdown.clone();
+                Some(tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                }))
+            }
+            None => None,
+        };
         let app = http::router(state);
         let server_stop = shutdown.clone();
         let server = tokio::spawn(async move {
@@ -152,7 +192,13 @@ impl Application {
         tracing::info!("shutting down: draining in-flight events");
         let drain = async {
             let _ = consumer.await;
-            let served = server.await;
+            let mut served = server.await;
+            if let Some(tls_server) = tls_server {
+                let tls_served = tls_server.await;
+                if matches!(served, Ok(Ok(()))) {
+                    served = tls_served;
+                }
+            }
             let _ = upkeep.await;
             // Every ingest handle is gone now; the writer commits what is queued and stops.
             tokio::task::spawn_blocking(move || writer.join())

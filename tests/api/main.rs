@@ -5,4 +5,5 @@ mod erp;
 // Shared harness: not every test module uses every helper.
 #[allow(dead_code)]
 mod helpers;
+mod listener;
 mod ops;
