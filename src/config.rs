@@ -670,6 +670,77 @@ mod tests {
     }
 
     #[test]
+    fn listener_credentials_load_from_the_environment_and_never_print() {
+        let s = load(
+            None,
+            &[
+                ("SUBGATE__LISTENER__ENABLED", "true"),
+                ("SUBGATE__LISTENER__BEARER_TOKEN", "tok-s3cret"),
+                (
+                    "SUBGATE__LISTENER__BEARER_TOKENS",
+                    r#"[{ token = "tok2-s3cret", expires_at = "2030-01-01T00:00:00Z" }]"#,
+                ),
+                (
+                    "SUBGATE__LISTENER__BASIC_USERS",
+                    r#"[{ user = "hub", password = "pw-s3cret" }]"#,
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.listener.bearer_token.expose(), "tok-s3cret");
+        assert_eq!(
+            s.listener.bearer_tokens[0]
+                .expires_at
+                .map(|t| t.timestamp()),
+            Some(1_893_456_000)
+        );
+        assert_eq!(s.listener.basic_users[0].user, "hub");
+        let printed = s.redacted_toml();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("expires_at = \"2030-01-01T00:00:00Z\""),
+            "{printed}"
+        );
+        assert!(printed.contains("user = \"hub\""), "{printed}");
+    }
+
+    #[test]
+    fn listener_settings_are_validated_with_the_key_named() {
+        let err = load(None, &[("SUBGATE__LISTENER__ENABLED", "true")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener.bearer_token"), "{err}");
+        let err = load(
+            None,
+            &[(
+                "SUBGATE__LISTENER__BEARER_TOKENS",
+                r#"[{ token = "t", expires_at = "next year" }]"#,
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("listener.bearer_tokens[0].expires_at"),
+            "{err}"
+        );
+        let err = load(
+            None,
+            &[
+                ("SUBGATE__LISTENER__ENABLED", "true"),
+                ("SUBGATE__LISTENER__BEARER_TOKEN", "t"),
+                ("SUBGATE__LISTENER__PLAIN_HTTP", "false"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listener.plain_http"), "{err}");
+        let err = load(None, &[("SUBGATE__LISTENER__TLS__ENABLED", "true")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener.tls.cert_path"), "{err}");
+    }
+
+    #[test]
     fn durations_parse_in_common_units() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));

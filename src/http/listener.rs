@@ -468,6 +468,55 @@ mod tests {
         assert_eq!(err.wire().1, 25);
     }
 
+    /// Draining cannot be timed through real HTTP without a race (the listener closes on the
+    /// same signal), so the handler runs here against a real store and ingest writer.
+    #[tokio::test]
+    async fn a_draining_instance_answers_503_with_code_5_and_stores_nothing() {
+        let dir = std::env::temp_dir().join(format!("subgate-drain-{}", fastrand::u64(..)));
+        let mut settings = crate::config::Settings::defaults().unwrap();
+        settings.store.url = format!("sqlite://{}", dir.join("subgate.db").display());
+        settings.listener.enabled = true;
+        settings.listener.bearer_token = auth::Secret::new("t");
+        let store = crate::startup::open_store(&settings, true).unwrap();
+        let (ingest, writer) = crate::ingest::start(
+            store.clone(),
+            &settings.ingest,
+            tokio::runtime::Handle::current(),
+        );
+        let state = AppState {
+            listener: std::sync::Arc::new(Access::new(&settings.listener)),
+            settings: std::sync::Arc::new(settings),
+            store: store.clone(),
+            ingest,
+            health: crate::health::Health::default(),
+            metrics: crate::telemetry::metrics_handle(),
+        };
+        state.health.start_draining();
+        let mut headers = headers(JSON_UTF8);
+        headers.insert(AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        let body = Bytes::from_static(
+            br#"{"eventId":"e","eventDate":"2024-05-01T10:00:00Z",
+                 "eventType":"ServiceOrderCreationNotification",
+                 "event":{"id":"SO-1","state":"acknowledged"}}"#,
+        );
+        let err = accept_notification(&state, Surface::Plain, &headers, Ok(body))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.wire(),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                5,
+                "The service is temporarily unavailable"
+            )
+        );
+        assert_eq!(store.inbox_stats(None).unwrap().events, 0);
+        drop(state);
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap();
+    }
+
     #[test]
     fn only_our_own_rejections_are_functional_errors() {
         let conflict = ListenerError::from(IngestError::Rejected {
