@@ -776,3 +776,36 @@ async fn the_listener_is_served_over_tls_with_a_certificate_generated_by_the_tes
     assert_eq!(post(&app, &body).await.status, 404);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn openapi_documents_the_listener_and_metrics_count_its_requests() {
+    let app = listener_app(&[]).await;
+    let (_, doc) = app.get_json("/openapi.json").await;
+    assert!(doc["paths"][PATH]["post"]["responses"]["422"].is_object());
+    assert!(doc["paths"]["/api/v1/service-orders/{id}"]["get"].is_object());
+
+    assert_eq!(
+        post(&app, &creation("e-1", "2024-05-01T10:00:00Z"))
+            .await
+            .status,
+        201
+    );
+    assert_eq!(post(&app, "").await.status, 400);
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"subgate_listener_notifications_total{event_type="ServiceOrderCreationNotification",outcome="applied"}"#,
+        r#"subgate_listener_requests_total{status="201",code="none"}"#,
+        r#"subgate_listener_requests_total{status="400",code="21"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing from\n{metrics}");
+    }
+    app.stop().await.unwrap();
+}
