@@ -249,14 +249,6 @@ pub enum Functional {
 const EVENT_ID_CONFLICT: &str = "event_id_conflict: ";
 
 impl Functional {
-    /// A functional error found while applying, as the ingest pipeline carries it.
-    fn into_apply_error(self) -> ApplyError {
-        ApplyError::Invalid(match self {
-            Functional::EventIdConflict(m) => format!("{EVENT_ID_CONFLICT}{m}"),
-            other => other.to_string(),
-        })
-    }
-
     /// The functional error an ingest rejection reason carries, if it is one of ours (anything
     /// else is an internal failure).
     pub fn from_rejection(reason: &str) -> Option<Self> {
@@ -625,11 +617,13 @@ impl Change for Notification {
                 // A replay of a notification already recorded.
                 return Ok(Applied::NoOp);
             }
-            return Err(Functional::EventIdConflict(format!(
-                "`eventId` {:?} was already used by inbox event {} for a different notification",
+            // Found inside the transaction: it travels as the rejection reason, tagged so the
+            // HTTP layer answers 422 ([`Functional::from_rejection`]) rather than 500.
+            return Err(ApplyError::Invalid(format!(
+                "{EVENT_ID_CONFLICT}`eventId` {:?} was already used by inbox event {} for a \
+                 different notification",
                 self.event_id, marker.doc["inbox_id"]
-            ))
-            .into_apply_error());
+            )));
         }
         tx.put_record(&self.event_id_marker(ctx))?;
 
