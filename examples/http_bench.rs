@@ -6,8 +6,8 @@
 //! http_bench listener BASE_URL CONNECTIONS SECONDS TOKEN
 //! ```
 //! Prints one line: `target=… connections=… seconds=… ok=… failed=… rate=…/s p50_ms=… p99_ms=…`.
-//! Every listener request is a new service order (unique order id and eventId), so each one is a
-//! real durable commit, not a duplicate.
+//! Listener requests follow each order's life (creation, inProgress, item completed, completed),
+//! every one a real change: each 201 is a durable commit, not a duplicate.
 
 use std::{
     process::ExitCode,
@@ -25,6 +25,8 @@ enum Target {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // reqwest is built without a rustls provider of its own: use subgate's (aws-lc-rs).
+    subgate::http::tls::install_crypto_provider();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let usage = "usage: http_bench healthz|listener BASE_URL CONNECTIONS SECONDS [TOKEN]";
     let (target, base, connections, seconds, token) = match args.as_slice() {
@@ -62,13 +64,16 @@ async fn main() -> ExitCode {
         let token = token.clone().unwrap_or_default();
         tasks.push(tokio::spawn(async move {
             // One client per task: one keep-alive connection each.
-            let client = reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .build()
-                .expect("client");
             let mut ok = 0u64;
             let mut failed = 0u64;
             let mut latencies = Vec::new();
+            let client = match reqwest::Client::builder().pool_max_idle_per_host(1).build() {
+                Ok(client) => client,
+                Err(e) => {
+                    eprintln!("cannot build an HTTP client: {e}");
+                    return (ok, 1, latencies);
+                }
+            };
             for n in 0..MAX_REQUESTS_PER_CONNECTION {
                 if Instant::now() >= deadline {
                     break;
@@ -137,9 +142,35 @@ async fn main() -> ExitCode {
     }
 }
 
-/// A creation notification for a service order no other request names.
+/// The `n`th notification of a connection. Each order goes through the life the hub reports:
+/// creation (acknowledged, two items), inProgress, item 1 completed, completed; the next order
+/// starts after that. Every notification is new (no duplicate): each one is a real state change
+/// committed to the store.
 fn notification(run: u32, conn: usize, n: u64) -> String {
+    let order = format!("SO-{run}-{conn}-{}", n / 4);
+    let event_id = format!("bench-{run}-{conn}-{n}");
+    let date = format!("2024-05-01T10:{:02}:00.000Z", n % 4);
+    let (event_type, event) = match n % 4 {
+        0 => (
+            "ServiceOrderCreationNotification",
+            format!(
+                r#"{{"id":"{order}","href":"/serviceOrder/{order}","externalId":"EXT-{n}","state":"acknowledged","orderDate":"2024-05-01T09:59:00.000Z","orderItem":[{{"id":"1","action":"add","state":"acknowledged","service":{{"name":"vFW"}}}},{{"id":"2","action":"add","state":"acknowledged","service":{{"name":"vLB"}}}}]}}"#
+            ),
+        ),
+        1 => (
+            "ServiceOrderStateChangeNotification",
+            format!(r#"{{"id":"{order}","state":"inProgress"}}"#),
+        ),
+        2 => (
+            "ServiceOrderItemStateChangeNotification",
+            format!(r#"{{"id":"{order}","orderItem":[{{"id":"1","state":"completed"}}]}}"#),
+        ),
+        _ => (
+            "ServiceOrderStateChangeNotification",
+            format!(r#"{{"id":"{order}","state":"completed","completionDateTime":"{date}"}}"#),
+        ),
+    };
     format!(
-        r#"{{"eventId":"bench-{run}-{conn}-{n}","eventDate":"2024-05-01T10:00:00.000Z","eventType":"ServiceOrderCreationNotification","event":{{"id":"SO-{run}-{conn}-{n}","href":"/serviceOrder/SO-{run}-{conn}-{n}","externalId":"EXT-{n}","state":"acknowledged","orderDate":"2024-05-01T09:59:00.000Z","orderItem":[{{"id":"1","action":"add","state":"acknowledged","service":{{"name":"vFW"}}}}]}}}}"#
+        r#"{{"eventId":"{event_id}","eventDate":"{date}","eventType":"{event_type}","event":{event}}}"#
     )
 }
