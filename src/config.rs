@@ -173,12 +173,7 @@ impl ListenerSettings {
 pub struct BearerTokenSettings {
     pub token: Secret,
     /// After this instant the token answers 401/42 (expired credentials).
-    #[serde(
-        default,
-        deserialize_with = "deserialize_instant",
-        serialize_with = "serialize_instant",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "instant", skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -187,12 +182,7 @@ pub struct BearerTokenSettings {
 pub struct BasicUserSettings {
     pub user: String,
     pub password: Secret,
-    #[serde(
-        default,
-        deserialize_with = "deserialize_instant",
-        serialize_with = "serialize_instant",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(default, with = "instant", skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<DateTime<Utc>>,
 }
 
@@ -562,29 +552,29 @@ pub fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S:
 }
 
 /// An optional instant written as a quoted RFC 3339 string ("2030-01-01T00:00:00Z").
-pub fn deserialize_instant<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<DateTime<Utc>>, D::Error> {
-    let text = Option::<String>::deserialize(d)?;
-    text.map(|t| {
-        DateTime::parse_from_rfc3339(t.trim())
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "{t:?} is not an RFC 3339 instant like \"2030-01-01T00:00:00Z\": {e}"
-                ))
-            })
-    })
-    .transpose()
-}
+mod instant {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
 
-pub fn serialize_instant<S: serde::Serializer>(
-    t: &Option<DateTime<Utc>>,
-    s: S,
-) -> Result<S::Ok, S::Error> {
-    match t {
-        Some(t) => s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
-        None => s.serialize_none(),
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| {
+            DateTime::parse_from_rfc3339(t.trim())
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "{t:?} is not an RFC 3339 instant like \"2030-01-01T00:00:00Z\": {e}"
+                    ))
+                })
+        })
+        .transpose()
+    }
+
+    pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+            None => s.serialize_none(),
+        }
     }
 }
 

@@ -22,6 +22,7 @@ use crate::{
     clock::to_rfc3339,
     envelope::{Applied, ApplyContext, ApplyError, Change, Envelope},
     projection::apply_snapshot,
+    sources::erp::json_type,
     store::{content_hash, HistoryEntry, Record, StoreError, StoreTx},
 };
 
@@ -403,10 +404,6 @@ fn describe(v: &Value) -> String {
         Value::String(s) => format!("{s:?}"),
         other => format!("a JSON {}", json_type(other)),
     }
-}
-
-fn json_type(v: &Value) -> &'static str {
-    crate::sources::erp::json_type(v)
 }
 
 /// An id: a non-empty string, or an integer kept as its decimal text.

@@ -116,6 +116,12 @@ async fn post(app: &TestApp, body: &str) -> Answer {
     .await
 }
 
+/// POST that must be accepted (201).
+async fn accepted(app: &TestApp, body: &str) {
+    let answer = post(app, body).await;
+    assert_eq!(answer.status, 201, "{}", answer.text);
+}
+
 async fn order(app: &TestApp, id: &str) -> Value {
     let (status, body) = app.get_json(&format!("/api/v1/service-orders/{id}")).await;
     assert_eq!(status, 200, "{body}");
@@ -212,7 +218,7 @@ async fn json_content_type_without_charset_is_accepted() {
 async fn event_id_replay_answers_201_and_records_nothing_new() {
     let app = listener_app(&[]).await;
     let body = creation("e-1", "2024-05-01T10:00:00.000Z");
-    assert_eq!(post(&app, &body).await.status, 201);
+    accepted(&app, &body).await;
     let replay = post(&app, &body).await;
     assert_eq!(replay.status, 201, "{}", replay.text);
     assert_eq!(replay.text, body);
@@ -227,15 +233,11 @@ async fn event_id_replay_answers_201_and_records_nothing_new() {
 #[tokio::test]
 async fn semantic_duplicate_with_new_event_id_answers_201_and_changes_nothing() {
     let app = listener_app(&[]).await;
-    assert_eq!(
-        post(
-            &app,
-            &state_change("e-1", "2024-05-01T10:00:00Z", "inProgress")
-        )
-        .await
-        .status,
-        201
-    );
+    accepted(
+        &app,
+        &state_change("e-1", "2024-05-01T10:00:00Z", "inProgress"),
+    )
+    .await;
     let before = order(&app, "SO-1").await;
     // The hub re-emits the same logical notification with a fresh eventId (and a later date).
     let again = state_change("e-2", "2024-05-01T10:05:00Z", "inProgress");
@@ -254,7 +256,7 @@ async fn completed_arriving_before_in_progress_stays_completed_and_the_late_one_
     let app = listener_app(&[]).await;
     let completed = state_change("e-3", "2024-05-01T10:30:00Z", "completed");
     let in_progress = state_change("e-2", "2024-05-01T10:10:00Z", "inProgress");
-    assert_eq!(post(&app, &completed).await.status, 201);
+    accepted(&app, &completed).await;
     let late = post(&app, &in_progress).await;
     assert_eq!(late.status, 201, "a stale notification is still accepted");
 
@@ -289,7 +291,7 @@ async fn an_older_active_state_does_not_undo_a_newer_one_but_a_newer_one_does() 
         // Older than held: stale.
         state_change("e-2", "2024-05-01T10:10:00Z", "pending"),
     ] {
-        assert_eq!(post(&app, &body).await.status, 201);
+        accepted(&app, &body).await;
     }
     let held = order(&app, "SO-1").await;
     assert_eq!(held["state"], "held");
@@ -297,7 +299,7 @@ async fn an_older_active_state_does_not_undo_a_newer_one_but_a_newer_one_does() 
 
     // Back to inProgress later on: same semantic key as e-1, but it changes the order.
     let resumed = state_change("e-4", "2024-05-01T10:40:00Z", "inProgress");
-    assert_eq!(post(&app, &resumed).await.status, 201);
+    accepted(&app, &resumed).await;
     let order = order(&app, "SO-1").await;
     assert_eq!(order["state"], "inProgress");
     assert_eq!(order["state_event_date"], "2024-05-01T10:40:00.000Z");
@@ -308,12 +310,7 @@ async fn an_older_active_state_does_not_undo_a_newer_one_but_a_newer_one_does() 
 #[tokio::test]
 async fn item_state_changes_merge_into_the_items_without_replacing_the_list() {
     let app = listener_app(&[]).await;
-    assert_eq!(
-        post(&app, &creation("e-1", "2024-05-01T10:00:00Z"))
-            .await
-            .status,
-        201
-    );
+    accepted(&app, &creation("e-1", "2024-05-01T10:00:00Z")).await;
     let answer = post(
         &app,
         &item_change("e-2", "2024-05-01T10:10:00Z", "2", "completed"),
@@ -343,15 +340,11 @@ async fn item_state_changes_merge_into_the_items_without_replacing_the_list() {
     );
 
     // A late, older item notification does not move the item backwards.
-    assert_eq!(
-        post(
-            &app,
-            &item_change("e-0", "2024-05-01T10:05:00Z", "2", "inProgress")
-        )
-        .await
-        .status,
-        201
-    );
+    accepted(
+        &app,
+        &item_change("e-0", "2024-05-01T10:05:00Z", "2", "inProgress"),
+    )
+    .await;
     let order = self::order(&app, "SO-1").await;
     assert_eq!(order["items"][1]["state"], "completed");
     assert_eq!(order["timeline"][2]["outcome"], "ignored");
@@ -537,7 +530,7 @@ async fn rate_limit_per_credential_answers_403_with_code_53() {
         .enumerate()
     {
         let body = state_change(&format!("e-{i}"), date, ["inProgress", "held"][i]);
-        assert_eq!(post(&app, &body).await.status, 201);
+        accepted(&app, &body).await;
     }
     let limited = post(
         &app,
@@ -634,15 +627,11 @@ async fn functional_errors_answer_422_with_codes_100_to_103() {
 #[tokio::test]
 async fn an_event_id_reused_for_another_notification_answers_422_with_code_104() {
     let app = listener_app(&[]).await;
-    assert_eq!(
-        post(
-            &app,
-            &state_change("e-1", "2024-05-01T10:00:00Z", "inProgress")
-        )
-        .await
-        .status,
-        201
-    );
+    accepted(
+        &app,
+        &state_change("e-1", "2024-05-01T10:00:00Z", "inProgress"),
+    )
+    .await;
     let reused = post(
         &app,
         &state_change("e-1", "2024-05-01T10:10:00Z", "completed"),
@@ -784,12 +773,7 @@ async fn openapi_documents_the_listener_and_metrics_count_its_requests() {
     assert!(doc["paths"][PATH]["post"]["responses"]["422"].is_object());
     assert!(doc["paths"]["/api/v1/service-orders/{id}"]["get"].is_object());
 
-    assert_eq!(
-        post(&app, &creation("e-1", "2024-05-01T10:00:00Z"))
-            .await
-            .status,
-        201
-    );
+    accepted(&app, &creation("e-1", "2024-05-01T10:00:00Z")).await;
     assert_eq!(post(&app, "").await.status, 400);
     let metrics = app
         .http
