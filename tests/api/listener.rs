@@ -642,9 +642,23 @@ async fn an_event_id_reused_for_another_notification_answers_422_with_code_104()
         m.starts_with("`eventId` \"e-1\" was already used by inbox event"),
         "{m}"
     );
-    let order = order(&app, "SO-1").await;
+    let order = self::order(&app, "SO-1").await;
     assert_eq!(order["state"], "inProgress");
     assert_eq!(listener_events(&app).await, 1);
+
+    // Reused for a copy of another known notification: refused as well, and the pipeline goes on.
+    accepted(&app, &state_change("e-2", "2024-05-01T10:10:00Z", "held")).await;
+    let copy = post(&app, &state_change("e-1", "2024-05-01T10:10:00Z", "held")).await;
+    assert_error(&copy, 422, 104, "eventId already used");
+    accepted(
+        &app,
+        &state_change("e-3", "2024-05-01T10:20:00Z", "completed"),
+    )
+    .await;
+    let order = self::order(&app, "SO-1").await;
+    assert_eq!(order["state"], "completed");
+    assert_eq!(order["timeline"].as_array().unwrap().len(), 3);
+    assert_eq!(listener_events(&app).await, 3);
     app.stop().await.unwrap();
 }
 
