@@ -4,6 +4,7 @@
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::http::auth::Secret;
@@ -49,6 +50,7 @@ pub struct Settings {
     pub consent: ConsentSettings,
     pub akinon: AkinonSettings,
     pub admin: AdminSettings,
+    pub listener: ListenerSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -219,6 +221,61 @@ pub struct ShutdownSettings {
     pub timeout: Duration,
 }
 
+/// The ONAP/TMF service-order listener (`POST /externalapi/listener/v1/listener`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSettings {
+    pub enabled: bool,
+    /// Serve the listener route on the plain `http.addr` too (false: over TLS only).
+    pub plain_http: bool,
+    /// One Bearer token without expiry (`SUBGATE__LISTENER__BEARER_TOKEN`); empty: none.
+    pub bearer_token: Secret,
+    pub bearer_tokens: Vec<BearerTokenSettings>,
+    pub basic_users: Vec<BasicUserSettings>,
+    /// Token bucket per credential: refill rate (0 disables limiting) and burst.
+    pub rate_per_second: f64,
+    pub rate_burst: u32,
+    pub tls: ListenerTlsSettings,
+}
+
+impl ListenerSettings {
+    /// Whether any credential is configured at all.
+    pub fn has_credentials(&self) -> bool {
+        !self.bearer_token.expose().is_empty()
+            || !self.bearer_tokens.is_empty()
+            || !self.basic_users.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BearerTokenSettings {
+    pub token: Secret,
+    /// After this instant the token answers 401/42 (expired credentials).
+    #[serde(default, with = "instant", skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BasicUserSettings {
+    pub user: String,
+    pub password: Secret,
+    #[serde(default, with = "instant", skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsSettings {
+    pub enabled: bool,
+    /// Own listening address of the HTTPS server (port 0 picks a free port).
+    pub addr: SocketAddr,
+    /// PEM certificate chain (leaf first) and PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub cert_path: std::path::PathBuf,
+    pub key_path: std::path::PathBuf,
+}
+
 /// Where a `Settings` comes from: the defaults, an optional file, and the environment.
 #[derive(Debug, Default, Clone)]
 pub struct ConfigSource {
@@ -316,6 +373,7 @@ impl Settings {
         if self.http.body_limit_bytes == 0 {
             return Err(invalid("http.body_limit_bytes", "must be at least 1"));
         }
+        self.validate_listener()?;
         crate::consent::Normaliser::new(&self.consent.default_region)
             .map_err(|m| invalid("consent.default_region", m))?;
         let prefix = &self.akinon.path_prefix;
@@ -373,6 +431,68 @@ impl Settings {
         Ok(())
     }
 
+    fn validate_listener(&self) -> Result<(), ConfigError> {
+        let l = &self.listener;
+        for (i, t) in l.bearer_tokens.iter().enumerate() {
+            if t.token.expose().trim().is_empty() {
+                return Err(invalid(
+                    &format!("listener.bearer_tokens[{i}].token"),
+                    "must not be empty",
+                ));
+            }
+        }
+        for (i, u) in l.basic_users.iter().enumerate() {
+            if u.user.is_empty() || u.user.contains(':') {
+                return Err(invalid(
+                    &format!("listener.basic_users[{i}].user"),
+                    "must be a non-empty name without `:`",
+                ));
+            }
+            if u.password.expose().is_empty() {
+                return Err(invalid(
+                    &format!("listener.basic_users[{i}].password"),
+                    "must not be empty",
+                ));
+            }
+        }
+        if !(l.rate_per_second.is_finite() && l.rate_per_second >= 0.0) {
+            return Err(invalid(
+                "listener.rate_per_second",
+                "must be a number >= 0 (0 disables limiting)",
+            ));
+        }
+        if l.rate_burst == 0 {
+            return Err(invalid("listener.rate_burst", "must be at least 1"));
+        }
+        if l.tls.enabled {
+            for (key, path) in [
+                ("listener.tls.cert_path", &l.tls.cert_path),
+                ("listener.tls.key_path", &l.tls.key_path),
+            ] {
+                if path.as_os_str().is_empty() {
+                    return Err(invalid(key, "must be set when listener.tls.enabled = true"));
+                }
+            }
+        }
+        if l.enabled {
+            if !l.has_credentials() {
+                return Err(invalid(
+                    "listener.bearer_token",
+                    "listener.enabled = true needs at least one credential \
+                     (bearer_token, bearer_tokens or basic_users)",
+                ));
+            }
+            if !l.plain_http && !l.tls.enabled {
+                return Err(invalid(
+                    "listener.plain_http",
+                    "the listener would be served nowhere: set plain_http = true or \
+                     enable listener.tls",
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The dead-letter queue of a source queue.
     pub fn dead_letter_queue_for(&self, queue: &str) -> String {
         self.amqp.dead_letter_queue.replace("{queue}", queue)
@@ -389,6 +509,13 @@ impl Settings {
         }
         copy.admin.token = copy.admin.token.redacted();
         copy.consent.link_secret = copy.consent.link_secret.redacted();
+        copy.listener.bearer_token = copy.listener.bearer_token.redacted();
+        for t in &mut copy.listener.bearer_tokens {
+            t.token = t.token.redacted();
+        }
+        for u in &mut copy.listener.basic_users {
+            u.password = u.password.redacted();
+        }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -567,6 +694,33 @@ pub fn serialize_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S:
     s.serialize_str(&format_duration(d))
 }
 
+/// An optional instant written as a quoted RFC 3339 string ("2030-01-01T00:00:00Z").
+mod instant {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+        let text = Option::<String>::deserialize(d)?;
+        text.map(|t| {
+            DateTime::parse_from_rfc3339(t.trim())
+                .map(|t| t.with_timezone(&Utc))
+                .map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "{t:?} is not an RFC 3339 instant like \"2030-01-01T00:00:00Z\": {e}"
+                    ))
+                })
+        })
+        .transpose()
+    }
+
+    pub fn serialize<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            Some(t) => s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)),
+            None => s.serialize_none(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -683,6 +837,77 @@ mod tests {
             assert!(err.contains("akinon.path_prefix"), "{err}");
         }
         assert!(load(None, &[("SUBGATE__AKINON__PATH_PREFIX", "/ext/akinon")]).is_ok());
+    }
+
+    #[test]
+    fn listener_credentials_load_from_the_environment_and_never_print() {
+        let s = load(
+            None,
+            &[
+                ("SUBGATE__LISTENER__ENABLED", "true"),
+                ("SUBGATE__LISTENER__BEARER_TOKEN", "tok-s3cret"),
+                (
+                    "SUBGATE__LISTENER__BEARER_TOKENS",
+                    r#"[{ token = "tok2-s3cret", expires_at = "2030-01-01T00:00:00Z" }]"#,
+                ),
+                (
+                    "SUBGATE__LISTENER__BASIC_USERS",
+                    r#"[{ user = "hub", password = "pw-s3cret" }]"#,
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.listener.bearer_token.expose(), "tok-s3cret");
+        assert_eq!(
+            s.listener.bearer_tokens[0]
+                .expires_at
+                .map(|t| t.timestamp()),
+            Some(1_893_456_000)
+        );
+        assert_eq!(s.listener.basic_users[0].user, "hub");
+        let printed = s.redacted_toml();
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("expires_at = \"2030-01-01T00:00:00Z\""),
+            "{printed}"
+        );
+        assert!(printed.contains("user = \"hub\""), "{printed}");
+    }
+
+    #[test]
+    fn listener_settings_are_validated_with_the_key_named() {
+        let err = load(None, &[("SUBGATE__LISTENER__ENABLED", "true")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener.bearer_token"), "{err}");
+        let err = load(
+            None,
+            &[(
+                "SUBGATE__LISTENER__BEARER_TOKENS",
+                r#"[{ token = "t", expires_at = "next year" }]"#,
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("listener.bearer_tokens[0].expires_at"),
+            "{err}"
+        );
+        let err = load(
+            None,
+            &[
+                ("SUBGATE__LISTENER__ENABLED", "true"),
+                ("SUBGATE__LISTENER__BEARER_TOKEN", "t"),
+                ("SUBGATE__LISTENER__PLAIN_HTTP", "false"),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("listener.plain_http"), "{err}");
+        let err = load(None, &[("SUBGATE__LISTENER__TLS__ENABLED", "true")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listener.tls.cert_path"), "{err}");
     }
 
     #[test]

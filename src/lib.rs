@@ -7,7 +7,7 @@
 //! - [`consent`]: the consent ledger shared by every source;
 //! - [`projection`]: shared building blocks of projections (change detection, staleness);
 //! - [`store`]: the `Store` trait and its backends (SQLite now);
-//! - [`http`]: the router: ops routes, the read API, HTTP sources;
+//! - [`http`]: the router: ops routes, the read API, HTTP sources (and HTTPS via rustls);
 //! - [`config`], [`cli`], [`startup`], [`telemetry`], [`health`], [`clock`]: running it.
 #![forbid(unsafe_code)]
 

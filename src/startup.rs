@@ -1,17 +1,18 @@
-//! Startup wiring, in one place: store → migrations → ingest writer → sources → HTTP.
-//! [`Application::build`] binds the listener first, so tests can ask for port 0 and read the
-//! real port back before running.
+//! Startup wiring, in one place: store → migrations → ingest writer → sources → HTTP (and HTTPS).
+//! [`Application::build`] binds the listeners first, so tests can ask for port 0 and read the
+//! real ports back before running.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio_rustls::rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Settings,
     health::Health,
-    http::{self, AppState},
+    http::{self, tls::TlsListener, AppState},
     ingest::{self, Ingest, IngestWriter},
     sources::{
         amqp::{AmqpConsumer, QueueSpec},
@@ -25,6 +26,8 @@ use crate::{
 pub struct Application {
     settings: Arc<Settings>,
     listener: TcpListener,
+    /// The HTTPS listener and its rustls configuration, when `listener.tls.enabled`.
+    tls: Option<(TcpListener, Arc<ServerConfig>)>,
     state: AppState,
     /// The queues to consume; the consumer owns one connection for all of them.
     queues: Vec<QueueSpec>,
@@ -90,10 +93,22 @@ impl Application {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
+        // Normally done first thing in `main`; here too for embedders and tests (idempotent).
+        http::tls::install_crypto_provider();
         let settings = Arc::new(settings);
         let listener = TcpListener::bind(settings.http.addr)
             .await
             .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
+        let tls = if settings.listener.tls.enabled {
+            let tls = &settings.listener.tls;
+            let config = http::tls::server_config(&tls.cert_path, &tls.key_path)?;
+            let listener = TcpListener::bind(tls.addr)
+                .await
+                .with_context(|| format!("cannot listen on listener.tls.addr {}", tls.addr))?;
+            Some((listener, config))
+        } else {
+            None
+        };
         let (ingest, writer) = ingest::start(
             store.clone(),
             &settings.ingest,
@@ -112,10 +127,12 @@ impl Application {
             metrics: telemetry::metrics_handle(),
             normaliser: crate::consent::Normaliser::new(&settings.consent.default_region)
                 .map_err(|m| anyhow::anyhow!("consent.default_region: {m}"))?,
+            listener: Arc::new(http::listener::Access::new(&settings.listener)),
         };
         Ok(Self {
             settings,
             listener,
+            tls,
             state,
             queues,
             writer,
@@ -128,6 +145,13 @@ impl Application {
             .unwrap_or(self.settings.http.addr)
     }
 
+    /// The HTTPS address, when `listener.tls.enabled`.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
+            .as_ref()
+            .and_then(|(listener, _)| listener.local_addr().ok())
+    }
+
     pub fn ingest(&self) -> Ingest {
         self.state.ingest.clone()
     }
@@ -138,6 +162,7 @@ impl Application {
         let Application {
             settings,
             listener,
+            tls,
             state,
             queues,
             writer,
@@ -166,6 +191,21 @@ impl Application {
         };
         let consumer = tokio::spawn(consumer.run(shutdown.clone()));
 
+        let tls_server = match tls {
+            Some((listener, config)) => {
+                let addr = listener.local_addr()?;
+                tracing::info!(%addr, "subgate serving HTTPS");
+                let app = http::tls_router(state.clone());
+                let listener = TlsListener::spawn(listener, config, shutdown.clone())?;
+                let stop = shutdown.clone();
+                Some(tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move { stop.cancelled().await })
+                        .await
+                }))
+            }
+            None => None,
+        };
         let app = http::router(state);
         let server_stop = shutdown.clone();
         let server = tokio::spawn(async move {
@@ -179,7 +219,13 @@ impl Application {
         tracing::info!("shutting down: draining in-flight events");
         let drain = async {
             let _ = consumer.await;
-            let served = server.await;
+            let mut served = server.await;
+            if let Some(tls_server) = tls_server {
+                let tls_served = tls_server.await;
+                if matches!(served, Ok(Ok(()))) {
+                    served = tls_served;
+                }
+            }
             let _ = upkeep.await;
             // Every ingest handle is gone now; the writer commits what is queued and stops.
             tokio::task::spawn_blocking(move || writer.join())

@@ -1,12 +1,15 @@
-//! HTTP: one router with the ops routes, the read API, and (later) each HTTP source's routes.
+//! HTTP: one router with the ops routes, the read API, and each HTTP source's routes; served on
+//! `http.addr`, and over TLS on `listener.tls.addr` when that is enabled ([`tls_router`]).
 
 pub mod akinon;
 pub mod auth;
 mod consents;
 mod error;
+pub mod listener;
 mod loymax;
 mod ops;
 mod read_api;
+pub mod tls;
 
 use std::sync::Arc;
 
@@ -26,9 +29,39 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Address normalisation (`consent.default_region`), for every source that records consent.
     pub normaliser: Normaliser,
+    /// The listener's credentials and rate-limit buckets, shared by both surfaces.
+    pub listener: Arc<listener::Access>,
 }
 
+/// Which server a router is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    /// `http.addr`.
+    Plain,
+    /// `listener.tls.addr`.
+    Tls,
+}
+
+impl Surface {
+    pub fn scheme(self) -> &'static str {
+        match self {
+            Surface::Plain => "http",
+            Surface::Tls => "https",
+        }
+    }
+}
+
+/// The router of the plain HTTP server.
 pub fn router(state: AppState) -> Router {
+    surface_router(state, Surface::Plain)
+}
+
+/// The router of the TLS server: the same routes, with the listener where it is served over TLS.
+pub fn tls_router(state: AppState) -> Router {
+    surface_router(state, Surface::Tls)
+}
+
+fn surface_router(state: AppState, surface: Surface) -> Router {
     let limit = state.settings.http.body_limit_bytes;
     Router::new()
         .merge(ops::routes())
@@ -36,6 +69,7 @@ pub fn router(state: AppState) -> Router {
         .merge(akinon::routes(&state))
         .merge(consents::routes())
         .merge(loymax::routes())
+        .merge(listener::routes(&state.settings.listener, surface))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

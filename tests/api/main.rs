@@ -8,6 +8,7 @@ pub mod erp;
 // Shared harness: not every test module uses every helper.
 #[allow(dead_code)]
 mod helpers;
+mod listener;
 mod loymax;
 mod ops;
 mod postgres;
