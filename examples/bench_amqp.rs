@@ -286,7 +286,7 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
         .status()
         .expect("migrate runs");
     assert!(status.success(), "migrate failed");
-    let mut children = Vec::new();
+    let mut children = Children(Vec::new());
     let mut urls = Vec::new();
     for _ in 0..o.instances {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -306,7 +306,7 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
             .stdout(Stdio::null())
             .spawn()
             .expect("subgate starts");
-        children.push(child);
+        children.0.push(child);
         urls.push(format!("http://127.0.0.1:{port}/metrics"));
     }
     let client = reqwest::Client::new();
@@ -318,9 +318,6 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
     let deadline = Instant::now() + Duration::from_secs(300);
     let rate = loop {
         if Instant::now() > deadline {
-            for c in &mut children {
-                let _ = c.kill();
-            }
             panic!("subgate did not drain the queue within 300 s");
         }
         let mut total = 0;
@@ -343,6 +340,7 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
     let rss = children
+        .0
         .iter()
         .map(|c| peak_rss_kib(c.id()))
         .max()
@@ -362,7 +360,7 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
                 / value("subgate_commit_seconds_count").max(1.0)
         );
     }
-    for c in &mut children {
+    for c in &mut children.0 {
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
@@ -372,6 +370,18 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
     (rate, rss)
 }
 
+/// subgate processes of one round; killed if the round ends early (a panic included).
+struct Children(Vec<std::process::Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -379,6 +389,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    // reqwest is built with rustls: the process-wide crypto provider first, as in subgate's main.
+    subgate::http::tls::install_crypto_provider();
     let o = options();
     let conn = connect().await;
     let queue = format!("bench-erp-{}", std::process::id());

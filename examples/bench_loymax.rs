@@ -442,6 +442,8 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // reqwest is built with rustls: the process-wide crypto provider first.
+    subgate::http::tls::install_crypto_provider();
     let args = Args::parse();
     // The same configuration subgate will see (SUBGATE__… variables apply to both consumers).
     let settings = Settings::load(&ConfigSource::from_process(None))?;
