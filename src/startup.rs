@@ -1,4 +1,5 @@
-//! Startup wiring, in one place: store → migrations → ingest writer → sources → HTTP.
+//! Startup wiring, in one place: store → migrations → ingest writer → sources → HTTP →
+//! delivery workers.
 //! [`Application::build`] binds the listener first, so tests can ask for port 0 and read the
 //! real port back before running.
 
@@ -10,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Settings,
+    delivery::{self, routes::OutboxRoutes},
     health::Health,
     http::{self, AppState},
     ingest::{self, Ingest, IngestWriter},
@@ -25,6 +27,9 @@ pub struct Application {
     settings: Arc<Settings>,
     listener: TcpListener,
     state: AppState,
+    /// One worker per destination (started by `run_until_stopped`); stopped by the shutdown
+    /// token, each releases its leases.
+    delivery: Vec<delivery::Worker>,
     /// The queues to consume; the consumer owns one connection for all of them.
     queues: Vec<QueueSpec>,
     /// The group-commit writer; joined last, after every ingest handle is dropped.
@@ -73,13 +78,16 @@ impl Application {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
+        delivery::install_crypto_provider();
         let settings = Arc::new(settings);
         let listener = TcpListener::bind(settings.http.addr)
             .await
             .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
-        let (ingest, writer) = ingest::start(
+        let delivery = delivery::workers(&settings, &store)?;
+        let (ingest, writer) = ingest::start_with_routes(
             store.clone(),
             &settings.ingest,
+            Arc::new(OutboxRoutes::from_settings(&settings)),
             tokio::runtime::Handle::current(),
         );
         let health = Health::default();
@@ -98,6 +106,7 @@ impl Application {
             settings,
             listener,
             state,
+            delivery,
             queues,
             writer,
         })
@@ -120,6 +129,7 @@ impl Application {
             settings,
             listener,
             state,
+            delivery,
             queues,
             writer,
         } = self;
@@ -147,6 +157,9 @@ impl Application {
         };
         let consumer = tokio::spawn(consumer.run(shutdown.clone()));
 
+        // Delivery reads the outbox on its own schedule: nothing in the ingest path waits for it.
+        let delivery = delivery::spawn(delivery, &settings, &state.store, &shutdown);
+
         let app = http::router(state);
         let server_stop = shutdown.clone();
         let server = tokio::spawn(async move {
@@ -162,6 +175,9 @@ impl Application {
             let _ = consumer.await;
             let served = server.await;
             let _ = upkeep.await;
+            for worker in delivery {
+                let _ = worker.await;
+            }
             // Every ingest handle is gone now; the writer commits what is queued and stops.
             tokio::task::spawn_blocking(move || writer.join())
                 .await

@@ -1,6 +1,7 @@
 //! HTTP: one router with the ops routes, the read API, and (later) each HTTP source's routes.
 
 pub mod auth;
+mod deliveries;
 mod error;
 mod ops;
 mod read_api;
@@ -28,6 +29,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(ops::routes())
         .merge(read_api::routes())
+        .merge(deliveries::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

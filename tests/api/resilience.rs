@@ -2,7 +2,7 @@
 //! `kill -9` and by SIGTERM.
 
 use std::{
-    path::{Path, PathBuf},
+    path::Path,
     process::{Child, Command, Stdio},
     time::Duration,
 };
@@ -206,7 +206,7 @@ impl Drop for Subgate {
     }
 }
 
-fn store_at(dir: &PathBuf, overrides: &[(&str, &str)]) -> std::sync::Arc<dyn Store> {
+fn store_at(dir: &Path, overrides: &[(&str, &str)]) -> std::sync::Arc<dyn Store> {
     subgate::startup::open_store(&test_settings(dir, overrides), true).expect("store")
 }
 

@@ -1,0 +1,462 @@
+//! One delivery worker per destination. A step claims due rows with a lease, sends them through
+//! the destination's transport, and records every attempt; `run` repeats steps until shutdown,
+//! then releases the leases it still holds. Tests drive [`Worker::step`] one at a time.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    amqp::AmqpTransport,
+    emarsys::EmarsysTransport,
+    http_client,
+    retry::{next_delay, parse_schedule, RetryPolicy, Verdict},
+    webhook::{keep_response, parse_secrets, WebhookTransport},
+    Budget,
+};
+use crate::{
+    config::{DestinationKind, DestinationSettings, Settings},
+    store::{AttemptRecord, AttemptResult, ClaimRequest, OutboxRow, Store, StoreError},
+};
+
+/// How much of a response body an attempt keeps.
+pub const KEPT_RESPONSE_BYTES: usize = 2048;
+
+/// What a transport says about one row.
+#[derive(Debug, Clone)]
+pub struct SendResult {
+    pub verdict: Verdict,
+    /// Unix ms the attempt started.
+    pub started_at: i64,
+    pub latency: Duration,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    pub response: Option<String>,
+}
+
+impl SendResult {
+    pub fn start() -> i64 {
+        crate::clock::now_ms()
+    }
+
+    /// A response came back.
+    pub fn answered(
+        started_at: i64,
+        clock: Instant,
+        status: u16,
+        verdict: Verdict,
+        body: String,
+    ) -> Self {
+        SendResult {
+            verdict,
+            started_at,
+            latency: clock.elapsed(),
+            status: Some(status),
+            error: (verdict != Verdict::Delivered).then(|| format!("HTTP {status}")),
+            response: keep_response(verdict, body),
+        }
+    }
+
+    /// No response: timeouts and connection errors are retried. The URL is left out of the
+    /// message (it may carry credentials).
+    pub fn failed(started_at: i64, clock: Instant, e: &reqwest::Error) -> Self {
+        let kind = if e.is_timeout() {
+            "timeout"
+        } else if e.is_connect() {
+            "connection failed"
+        } else {
+            "request failed"
+        };
+        Self::retry(started_at, clock, format!("{kind}: {}", error_chain(e)))
+    }
+
+    /// Retry, with a reason.
+    pub fn retry(started_at: i64, clock: Instant, error: String) -> Self {
+        SendResult {
+            verdict: Verdict::Retry { retry_after: None },
+            started_at,
+            latency: clock.elapsed(),
+            status: None,
+            error: Some(error),
+            response: None,
+        }
+    }
+}
+
+/// An error with its causes, the request URL left out.
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    match e.url() {
+        Some(url) => text.replace(url.as_str(), "<url>"),
+        None => text,
+    }
+}
+
+/// The start of a response body, as text (lossy), at most [`KEPT_RESPONSE_BYTES`].
+pub async fn read_response(mut response: reqwest::Response) -> String {
+    let mut kept: Vec<u8> = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = KEPT_RESPONSE_BYTES.saturating_sub(kept.len());
+        kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if kept.len() >= KEPT_RESPONSE_BYTES {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&kept).into_owned()
+}
+
+/// The three ways out.
+pub enum Transport {
+    Webhook(WebhookTransport),
+    Emarsys(EmarsysTransport),
+    Amqp(AmqpTransport),
+}
+
+impl Transport {
+    fn build(settings: &Settings, d: &DestinationSettings) -> anyhow::Result<Self> {
+        Ok(match d.kind {
+            DestinationKind::Webhook => Transport::Webhook(WebhookTransport {
+                client: http_client(d.timeout)?,
+                url: d.url.clone(),
+                keys: parse_secrets(d.secret.expose()).map_err(anyhow::Error::msg)?,
+                concurrency: d.concurrency,
+            }),
+            DestinationKind::Emarsys => Transport::Emarsys(EmarsysTransport::new(
+                http_client(d.timeout)?,
+                settings.destination_url(d),
+                d.emarsys(),
+                d.secret.clone(),
+                d.concurrency,
+            )),
+            DestinationKind::Amqp => Transport::Amqp(AmqpTransport::new(
+                &settings.destination_url(d),
+                &d.exchange,
+                &d.name,
+                d.timeout,
+            )?),
+        })
+    }
+
+    async fn send(&mut self, rows: &[OutboxRow], budget: &Budget) -> Vec<SendResult> {
+        match self {
+            Transport::Webhook(t) => t.send(rows, budget).await,
+            Transport::Emarsys(t) => t.send(rows, budget).await,
+            Transport::Amqp(t) => t.send(rows, budget).await,
+        }
+    }
+
+    async fn close(&mut self) {
+        if let Transport::Amqp(t) = self {
+            t.close().await;
+        }
+    }
+}
+
+/// What one step did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StepReport {
+    pub claimed: usize,
+    pub delivered: usize,
+    pub retried: usize,
+    pub dead: usize,
+}
+
+impl StepReport {
+    pub fn is_idle(&self) -> bool {
+        self.claimed == 0
+    }
+}
+
+/// The row's fate after one attempt: the verdict, with a retry past the end of the row's
+/// schedule turned into dead.
+pub fn decide(
+    row: &OutboxRow,
+    verdict: Verdict,
+    policy: &RetryPolicy,
+    now_ms: i64,
+    random: f64,
+) -> AttemptResult {
+    match verdict {
+        Verdict::Delivered => AttemptResult::Delivered,
+        Verdict::Dead => AttemptResult::Dead,
+        Verdict::Retry { retry_after } => {
+            let failed = u32::try_from(row.attempts + 1).unwrap_or(u32::MAX);
+            match next_delay(
+                &parse_schedule(&row.schedule),
+                failed,
+                retry_after,
+                policy,
+                random,
+            ) {
+                Some(delay) => AttemptResult::Retry {
+                    next_attempt_at: now_ms
+                        .saturating_add(i64::try_from(delay.as_millis()).unwrap_or(i64::MAX)),
+                },
+                None => AttemptResult::Dead,
+            }
+        }
+    }
+}
+
+pub struct Worker {
+    destination: String,
+    store: Arc<dyn Store>,
+    transport: Transport,
+    budget: Budget,
+    /// This worker's lease id: its claims carry it, and shutdown releases them by it.
+    owner: String,
+    policy: RetryPolicy,
+    lease: Duration,
+    batch: usize,
+    coalesce: bool,
+    poll: Duration,
+    /// A provider asked us to wait (`Retry-After`): no claims before then.
+    paused_until: Option<Instant>,
+}
+
+impl Worker {
+    pub fn new(
+        settings: &Settings,
+        d: &DestinationSettings,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Self> {
+        let per_minute = d.rate_per_minute();
+        // At most ~15 s of the rate budget per claim, so a claim never outlives its lease.
+        let batch = if per_minute > 0 {
+            d.batch().min((per_minute as usize / 4).max(1))
+        } else {
+            d.batch()
+        };
+        Ok(Worker {
+            destination: d.name.clone(),
+            store,
+            transport: Transport::build(settings, d)?,
+            budget: Budget::per_minute(per_minute),
+            owner: format!(
+                "{}:{}:{:08x}",
+                d.name,
+                std::process::id(),
+                fastrand::u32(..)
+            ),
+            policy: RetryPolicy {
+                jitter_percent: settings.delivery.jitter_percent,
+                max_retry_after: settings.delivery.max_retry_after,
+            },
+            lease: settings.delivery.lease,
+            batch,
+            coalesce: d.kind == DestinationKind::Emarsys,
+            poll: settings.delivery.poll_interval,
+            paused_until: None,
+        })
+    }
+
+    pub fn destination(&self) -> &str {
+        &self.destination
+    }
+
+    /// Claim due rows, send them, record the attempts.
+    #[tracing::instrument(skip_all, fields(destination = %self.destination))]
+    pub async fn step(&mut self) -> Result<StepReport, StoreError> {
+        let now = crate::clock::now_ms();
+        let claim = ClaimRequest {
+            destination: self.destination.clone(),
+            owner: self.owner.clone(),
+            now,
+            lease_until: now.saturating_add(self.lease.as_millis() as i64),
+            limit: self.batch,
+            coalesce: self.coalesce,
+        };
+        let store = self.store.clone();
+        let rows = blocking(move || store.claim_deliveries(&claim)).await?;
+        if rows.is_empty() {
+            return Ok(StepReport::default());
+        }
+        let results = self.transport.send(&rows, &self.budget).await;
+        let now = crate::clock::now_ms();
+        let mut report = StepReport {
+            claimed: rows.len(),
+            ..StepReport::default()
+        };
+        let mut pause: Option<Duration> = None;
+        let attempts: Vec<AttemptRecord> = rows
+            .iter()
+            .zip(results)
+            .map(|(row, r)| {
+                let result = decide(row, r.verdict, &self.policy, now, fastrand::f64());
+                match result {
+                    AttemptResult::Delivered => report.delivered += 1,
+                    AttemptResult::Retry { next_attempt_at } => {
+                        report.retried += 1;
+                        if let Verdict::Retry {
+                            retry_after: Some(_),
+                        } = r.verdict
+                        {
+                            let wait = Duration::from_millis((next_attempt_at - now).max(0) as u64);
+                            pause = Some(pause.map_or(wait, |p| p.max(wait)));
+                        }
+                    }
+                    AttemptResult::Dead => {
+                        report.dead += 1;
+                        tracing::warn!(
+                            outbox_id = row.id,
+                            status = r.status,
+                            error = r.error.as_deref().unwrap_or(""),
+                            "delivery dead"
+                        );
+                    }
+                }
+                let name = self.destination.clone();
+                metrics::counter!("subgate_delivery_attempts_total", "destination" => name.clone(), "outcome" => result.as_str())
+                    .increment(1);
+                metrics::histogram!("subgate_delivery_seconds", "destination" => name)
+                    .record(r.latency.as_secs_f64());
+                AttemptRecord {
+                    outbox_id: row.id,
+                    attempt: row.attempts + 1,
+                    started_at: r.started_at,
+                    latency_ms: i64::try_from(r.latency.as_millis()).unwrap_or(i64::MAX),
+                    result,
+                    status: r.status,
+                    error: r.error,
+                    response: r.response,
+                }
+            })
+            .collect();
+        let store = self.store.clone();
+        let owner = self.owner.clone();
+        blocking(move || store.record_attempts(&owner, &attempts)).await?;
+        if let Some(wait) = pause {
+            tracing::info!(
+                seconds = wait.as_secs_f64(),
+                "provider asked to wait; pausing"
+            );
+            self.paused_until = Some(Instant::now() + wait);
+        }
+        Ok(report)
+    }
+
+    /// Steps until `shutdown`; then releases this worker's leases (rows being sent go back to
+    /// pending and are sent again later: at least once).
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut failures = 0u32;
+        while !shutdown.is_cancelled() {
+            if let Some(until) = self.paused_until.take() {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep_until(until.into()) => {}
+                }
+            }
+            let wait = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                stepped = self.step() => match stepped {
+                    Ok(report) if report.is_idle() => Some(self.poll),
+                    Ok(_) => { failures = 0; None }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        tracing::warn!(destination = %self.destination, error = %e, "delivery step failed");
+                        Some(crate::sources::amqp::backoff_delay(failures, self.poll, Duration::from_secs(30)))
+                    }
+                },
+            };
+            if let Some(wait) = wait {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+        self.transport.close().await;
+        let store = self.store.clone();
+        let owner = self.owner.clone();
+        match blocking(move || store.release_leases(&owner)).await {
+            Ok(n) => {
+                tracing::info!(destination = %self.destination, released = n, "delivery worker stopped")
+            }
+            Err(e) => {
+                tracing::warn!(destination = %self.destination, error = %e, "leases not released; they expire")
+            }
+        }
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::DeliveryState;
+
+    fn row(attempts: i64, schedule: &str) -> OutboxRow {
+        OutboxRow {
+            id: 1,
+            destination: "d".into(),
+            source: "erp".into(),
+            kind: "customer.changed".into(),
+            entity: "erp:1".into(),
+            inbox_id: 1,
+            payload: "{}".into(),
+            coalesce: false,
+            schedule: schedule.into(),
+            created_at: 0,
+            state: DeliveryState::Pending,
+            attempts,
+            next_attempt_at: 0,
+            locked_until: None,
+            last_status: None,
+            last_error: None,
+            last_response: None,
+            finished_at: None,
+            superseded_by: None,
+            replays: 0,
+        }
+    }
+
+    const POLICY: RetryPolicy = RetryPolicy {
+        jitter_percent: 0,
+        max_retry_after: Duration::from_secs(60),
+    };
+
+    #[test]
+    fn a_retry_past_the_schedule_is_dead() {
+        let retry = Verdict::Retry { retry_after: None };
+        assert_eq!(
+            decide(&row(0, "5000,30000"), retry, &POLICY, 1000, 0.5),
+            AttemptResult::Retry {
+                next_attempt_at: 6000
+            }
+        );
+        assert_eq!(
+            decide(&row(1, "5000,30000"), retry, &POLICY, 1000, 0.5),
+            AttemptResult::Retry {
+                next_attempt_at: 31_000
+            }
+        );
+        assert_eq!(
+            decide(&row(2, "5000,30000"), retry, &POLICY, 1000, 0.5),
+            AttemptResult::Dead
+        );
+        assert_eq!(
+            decide(&row(0, ""), Verdict::Delivered, &POLICY, 0, 0.5),
+            AttemptResult::Delivered
+        );
+        assert_eq!(
+            decide(&row(0, "5000"), Verdict::Dead, &POLICY, 0, 0.5),
+            AttemptResult::Dead
+        );
+    }
+}
