@@ -319,6 +319,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 #[tokio::main]
 async fn main() {
+    subgate::delivery::install_crypto_provider();
     let o = options();
     let conn = connect().await;
     let queue = format!("bench-erp-{}", std::process::id());

@@ -2,6 +2,7 @@
 //! its own queue names) against the real RabbitMQ on this machine.
 
 mod cli;
+mod delivery;
 mod erp;
 // Shared harness: not every test module uses every helper.
 #[allow(dead_code)]
