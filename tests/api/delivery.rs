@@ -938,3 +938,111 @@ async fn deliveries_api_is_forbidden_without_a_configured_token() {
     assert_eq!(r.status(), 403);
     app.stop().await.unwrap();
 }
+
+/// `subgate serve` as a process (for kill -9).
+struct Process(std::process::Child);
+
+impl Process {
+    fn start(dir: &std::path::Path, port: u16, overrides: &[(&str, &str)]) -> Self {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_subgate"));
+        cmd.arg("serve")
+            .env("SUBGATE__HTTP__ADDR", format!("127.0.0.1:{port}"))
+            .env(
+                "SUBGATE__STORE__URL",
+                format!("sqlite://{}", dir.join("subgate.db").display()),
+            )
+            .env("SUBGATE__LOG__LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in overrides {
+            cmd.env(
+                format!("SUBGATE__{}", k.replace('.', "__").to_ascii_uppercase()),
+                v,
+            );
+        }
+        Process(cmd.spawn().expect("subgate starts"))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test]
+async fn kill_9_during_delivery_resumes_after_restart_at_least_once() {
+    let provider = Provider::start().await;
+    provider.by_default(Reply::status(200).delay(Duration::from_millis(300)));
+    let queues = ErpQueues::new();
+    let dir = temp_dir("kill9-delivery");
+    let list = format!(
+        "[{}]",
+        webhook("crm", &provider.url("/h"), ", concurrency=1, batch_size=4")
+    );
+    let overrides = queues.overrides(&[
+        ("destinations", list.as_str()),
+        ("delivery.poll_interval", "50ms"),
+        ("delivery.lease", "2s"),
+    ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap();
+    let first = Process::start(&dir, port, &overrides);
+    let ready = format!("http://127.0.0.1:{port}/readyz");
+    subgate::delivery::install_crypto_provider();
+    let client = reqwest::Client::new();
+    eventually(30, "the process ready (queues declared)", || async {
+        let r = client.get(&ready).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let broker = Broker::connect().await;
+    let messages = (0..20)
+        .map(|i| {
+            let body = json!({"id": format!("k{i}"), "status": "Active", "name": "X"});
+            (body.to_string().into_bytes(), BasicProperties::default())
+        })
+        .collect();
+    broker.publish_all(&queues.customers, messages).await;
+    eventually(30, "deliveries under way", || async {
+        (provider.seen().len() >= 3).then_some(())
+    })
+    .await;
+    drop(first); // SIGKILL, mid-request: the provider answers each call after 300 ms.
+    let at_kill = provider.seen().len();
+    assert!(at_kill < 20, "killed mid-way ({at_kill})");
+
+    let _second = Process::start(&dir, port, &overrides);
+    let settings = test_settings(&dir, &overrides);
+    let store = subgate::startup::open_store(&settings, false).unwrap();
+    eventually(60, "every row delivered after the restart", || {
+        let store = store.clone();
+        async move {
+            let delivered = query(store, |s| {
+                s.list_deliveries(&DeliveryFilter {
+                    state: Some(DeliveryState::Delivered),
+                    limit: 100,
+                    ..DeliveryFilter::default()
+                })
+                .map(|rows| rows.len())
+                .unwrap_or(0)
+            })
+            .await;
+            (delivered == 20).then_some(())
+        }
+    })
+    .await;
+    let mut entities: Vec<String> = provider
+        .seen()
+        .iter()
+        .map(|s| s.json()["entity"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(entities.len() >= 20, "at least once");
+    entities.sort();
+    entities.dedup();
+    assert_eq!(entities.len(), 20, "every change reached the provider");
+    broker.delete_queues(&queues.all()).await;
+}
