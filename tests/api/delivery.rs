@@ -322,6 +322,24 @@ async fn erp_change_reaches_the_webhook_signed_and_a_duplicate_sends_nothing() {
     .await;
     assert_eq!(rows.len(), 2, "one row per real change");
     assert!(rows.iter().all(|r| r.state == DeliveryState::Delivered));
+    let metrics = app
+        .http
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"subgate_delivery_attempts_total{destination="crm",outcome="delivered"}"#,
+        r#"subgate_delivery_seconds_bucket{destination="crm""#,
+        r#"subgate_delivery_pending{destination="crm"}"#,
+        r#"subgate_delivery_oldest_pending_age_seconds{destination="crm"}"#,
+        r#"subgate_delivery_dead{destination="crm"}"#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing");
+    }
     app.stop().await.unwrap();
     broker.delete_queues(&queues.all()).await;
 }
