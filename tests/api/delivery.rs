@@ -584,7 +584,7 @@ async fn a_lease_held_by_a_crashed_worker_is_taken_over_once_it_expires() {
 }
 
 #[tokio::test]
-async fn one_dead_destination_does_not_hold_up_the_healthy_one() {
+async fn one_hanging_destination_does_not_hold_up_the_healthy_one_and_a_stop_releases_its_leases() {
     let healthy = Provider::start().await;
     let hanging = Provider::start().await;
     hanging.by_default(Reply::status(200).delay(Duration::from_secs(30)));
@@ -614,9 +614,23 @@ async fn one_dead_destination_does_not_hold_up_the_healthy_one() {
     })
     .await;
     let store = app.store();
-    let down = query(store, |s| s.delivery_stats("down").unwrap()).await;
+    let down = query(store.clone(), |s| s.delivery_stats("down").unwrap()).await;
     assert_eq!(down.pending, 50, "nothing reached the hanging destination");
+    // A graceful stop interrupts the hanging request and releases the worker's leases.
     app.stop().await.unwrap();
+    let leased = query(store, |s| {
+        s.list_deliveries(&DeliveryFilter {
+            destination: Some("down".into()),
+            limit: 100,
+            ..DeliveryFilter::default()
+        })
+        .unwrap()
+        .iter()
+        .filter(|r| r.locked_until.is_some())
+        .count()
+    })
+    .await;
+    assert_eq!(leased, 0, "no lease survives a graceful stop");
     broker.delete_queues(&queues.all()).await;
 }
 
