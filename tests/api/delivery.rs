@@ -616,6 +616,11 @@ async fn one_hanging_destination_does_not_hold_up_the_healthy_one_and_a_stop_rel
     let store = app.store();
     let down = query(store.clone(), |s| s.delivery_stats("down").unwrap()).await;
     assert_eq!(down.pending, 50, "nothing reached the hanging destination");
+    let (status, _) = app.get_json("/readyz").await;
+    assert_eq!(
+        status, 200,
+        "ready while a provider is down: the outbox holds the rows"
+    );
     // A graceful stop interrupts the hanging request and releases the worker's leases.
     app.stop().await.unwrap();
     let leased = query(store, |s| {
@@ -958,7 +963,7 @@ async fn deliveries_api_wants_the_admin_token_lists_dead_rows_and_replays_them()
 }
 
 #[tokio::test]
-async fn deliveries_api_is_forbidden_without_a_configured_token() {
+async fn deliveries_api_is_forbidden_without_a_configured_token_and_documented() {
     let app = spawn_app(&[]).await;
     let r = app
         .http
@@ -968,6 +973,14 @@ async fn deliveries_api_is_forbidden_without_a_configured_token() {
         .await
         .unwrap();
     assert_eq!(r.status(), 403);
+    let (_, doc) = app.get_json("/openapi.json").await;
+    for path in [
+        "/api/v1/deliveries",
+        "/api/v1/deliveries/{id}",
+        "/api/v1/deliveries/replay",
+    ] {
+        assert!(doc["paths"][path].is_object(), "{path} documented");
+    }
     app.stop().await.unwrap();
 }
 
