@@ -83,6 +83,8 @@ impl Application {
         let listener = TcpListener::bind(settings.http.addr)
             .await
             .with_context(|| format!("cannot listen on http.addr {}", settings.http.addr))?;
+        // The recorder first: workers register their metric handles when they are built.
+        let metrics = telemetry::metrics_handle();
         let delivery = delivery::workers(&settings, &store)?;
         let (ingest, writer) = ingest::start_with_routes(
             store.clone(),
@@ -100,7 +102,7 @@ impl Application {
             store,
             ingest,
             health,
-            metrics: telemetry::metrics_handle(),
+            metrics,
         };
         Ok(Self {
             settings,

@@ -9,8 +9,8 @@ CREATE TABLE outbox (
     -- Ordering key ("source:entity"): per destination, rows of one key go out in id order.
     entity          TEXT    NOT NULL,
     inbox_id        INTEGER NOT NULL,
-    -- The canonical event JSON (docs/delivery.md).
-    payload         TEXT    NOT NULL,
+    -- The canonical event JSON (outbox_payloads; one per event, shared by its destinations).
+    payload_id      INTEGER NOT NULL,
     -- 1: a snapshot; pending rows of the same key may be coalesced into the latest.
     coalesce        INTEGER NOT NULL DEFAULT 0,
     -- The retry schedule in force when the row was written (comma-separated milliseconds).
@@ -29,10 +29,20 @@ CREATE TABLE outbox (
     superseded_by   INTEGER,
     replays         INTEGER NOT NULL DEFAULT 0
 );
+-- Partial indexes: delivered rows (the bulk, over time) leave every index but the primary key.
 -- Claiming: due pending rows of one destination, oldest due first.
-CREATE INDEX outbox_due ON outbox (destination, state, next_attempt_at, id);
+CREATE INDEX outbox_due ON outbox (destination, next_attempt_at, id) WHERE state = 'pending';
 -- The ordering guard: is there an earlier pending row of the same key?
 CREATE INDEX outbox_pending_entity ON outbox (destination, entity, id) WHERE state = 'pending';
+-- Dead rows: listing, counting, replaying.
+CREATE INDEX outbox_dead ON outbox (destination, created_at) WHERE state = 'dead';
+
+-- Payloads apart from the rows: claiming and recording rewrite narrow rows, and an event going
+-- to several destinations is stored once.
+CREATE TABLE outbox_payloads (
+    id      INTEGER PRIMARY KEY,
+    payload TEXT    NOT NULL
+);
 
 -- Every attempt: when, how long, what came back.
 CREATE TABLE delivery_attempts (

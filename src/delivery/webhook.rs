@@ -71,22 +71,26 @@ pub struct WebhookTransport {
 }
 
 impl WebhookTransport {
-    /// One request per row, `concurrency` in flight; results in row order.
+    /// One request per row, `concurrency` in flight (completing in any order, so one slow
+    /// answer does not hold a slot hostage); results in row order.
     pub async fn send(&self, rows: &[OutboxRow], budget: &Budget) -> Vec<SendResult> {
         // Boxed futures: a concrete type keeps the worker's future `Send` for tokio::spawn.
-        let calls: Vec<BoxFuture<'_, SendResult>> = rows
+        let calls: Vec<BoxFuture<'_, (usize, SendResult)>> = rows
             .iter()
-            .map(|row| -> BoxFuture<'_, SendResult> {
+            .enumerate()
+            .map(|(i, row)| -> BoxFuture<'_, (usize, SendResult)> {
                 Box::pin(async move {
                     budget.acquire().await;
-                    self.post(row).await
+                    (i, self.post(row).await)
                 })
             })
             .collect();
-        futures_util::stream::iter(calls)
-            .buffered(self.concurrency)
+        let mut answered: Vec<(usize, SendResult)> = futures_util::stream::iter(calls)
+            .buffer_unordered(self.concurrency)
             .collect()
-            .await
+            .await;
+        answered.sort_unstable_by_key(|(i, _)| *i);
+        answered.into_iter().map(|(_, r)| r).collect()
     }
 
     async fn post(&self, row: &OutboxRow) -> SendResult {

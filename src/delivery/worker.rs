@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -221,6 +222,35 @@ pub struct Worker {
     poll: Duration,
     /// A provider asked us to wait (`Retry-After`): no claims before then.
     paused_until: Option<Instant>,
+    meters: Meters,
+}
+
+/// The destination's metric handles, registered once (not per attempt).
+struct Meters {
+    delivered: metrics::Counter,
+    retry: metrics::Counter,
+    dead: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl Meters {
+    fn new(destination: &str) -> Self {
+        let attempts = |outcome: &'static str| metrics::counter!("subgate_delivery_attempts_total", "destination" => destination.to_owned(), "outcome" => outcome);
+        Meters {
+            delivered: attempts("delivered"),
+            retry: attempts("retry"),
+            dead: attempts("dead"),
+            latency: metrics::histogram!("subgate_delivery_seconds", "destination" => destination.to_owned()),
+        }
+    }
+
+    fn count(&self, result: AttemptResult) {
+        match result {
+            AttemptResult::Delivered => self.delivered.increment(1),
+            AttemptResult::Retry { .. } => self.retry.increment(1),
+            AttemptResult::Dead => self.dead.increment(1),
+        }
+    }
 }
 
 impl Worker {
@@ -230,12 +260,22 @@ impl Worker {
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
         let per_minute = d.rate_per_minute();
-        // At most ~15 s of the rate budget per claim, so a claim never outlives its lease.
-        let batch = if per_minute > 0 {
-            d.batch().min((per_minute as usize / 4).max(1))
-        } else {
-            d.batch()
+        let mut batch = d.batch();
+        // A claim must not outlive its lease: at most ~15 s of the rate budget, and (for one
+        // request per row) at most half a lease of back-to-back timeouts per request slot.
+        if per_minute > 0 {
+            batch = batch.min((per_minute as usize / 4).max(1));
+        }
+        let one_request_per_row = match d.kind {
+            DestinationKind::Webhook => true,
+            DestinationKind::Emarsys => !d.emarsys().event_ids.is_empty(),
+            DestinationKind::Amqp => false,
         };
+        if one_request_per_row {
+            let rounds = (settings.delivery.lease.as_millis() / (2 * d.timeout.as_millis()).max(1))
+                .max(1) as usize;
+            batch = batch.min(d.concurrency.saturating_mul(rounds));
+        }
         Ok(Worker {
             destination: d.name.clone(),
             store,
@@ -256,6 +296,7 @@ impl Worker {
             coalesce: d.kind == DestinationKind::Emarsys,
             poll: settings.delivery.poll_interval,
             paused_until: None,
+            meters: Meters::new(&d.name),
         })
     }
 
@@ -263,31 +304,41 @@ impl Worker {
         &self.destination
     }
 
-    /// Claim due rows, send them, record the attempts.
-    #[tracing::instrument(skip_all, fields(destination = %self.destination))]
-    pub async fn step(&mut self) -> Result<StepReport, StoreError> {
+    fn claim_request(&self) -> ClaimRequest {
         let now = crate::clock::now_ms();
-        let claim = ClaimRequest {
+        ClaimRequest {
             destination: self.destination.clone(),
             owner: self.owner.clone(),
             now,
             lease_until: now.saturating_add(self.lease.as_millis() as i64),
             limit: self.batch,
             coalesce: self.coalesce,
-        };
-        let store = self.store.clone();
-        let rows = blocking(move || store.claim_deliveries(&claim)).await?;
-        if rows.is_empty() {
-            return Ok(StepReport::default());
         }
-        let results = self.transport.send(&rows, &self.budget).await;
+    }
+
+    /// Claim in a blocking task (the store's single writer; a short transaction).
+    fn spawn_claim(&self) -> JoinHandle<Result<Vec<OutboxRow>, StoreError>> {
+        let store = self.store.clone();
+        let claim = self.claim_request();
+        tokio::task::spawn_blocking(move || store.claim_deliveries(&claim))
+    }
+
+    fn spawn_record(&self, attempts: Vec<AttemptRecord>) -> JoinHandle<Result<(), StoreError>> {
+        let store = self.store.clone();
+        let owner = self.owner.clone();
+        let destination = self.destination.clone();
+        tokio::task::spawn_blocking(move || store.record_attempts(&destination, &owner, &attempts))
+    }
+
+    /// Turn the transport's answers into attempt records (and metrics).
+    fn judge(&self, rows: &[OutboxRow], results: Vec<SendResult>) -> Judged {
         let now = crate::clock::now_ms();
         let mut report = StepReport {
             claimed: rows.len(),
             ..StepReport::default()
         };
         let mut pause: Option<Duration> = None;
-        let attempts: Vec<AttemptRecord> = rows
+        let attempts = rows
             .iter()
             .zip(results)
             .map(|(row, r)| {
@@ -307,6 +358,7 @@ impl Worker {
                     AttemptResult::Dead => {
                         report.dead += 1;
                         tracing::warn!(
+                            destination = %self.destination,
                             outbox_id = row.id,
                             status = r.status,
                             error = r.error.as_deref().unwrap_or(""),
@@ -314,11 +366,8 @@ impl Worker {
                         );
                     }
                 }
-                let name = self.destination.clone();
-                metrics::counter!("subgate_delivery_attempts_total", "destination" => name.clone(), "outcome" => result.as_str())
-                    .increment(1);
-                metrics::histogram!("subgate_delivery_seconds", "destination" => name)
-                    .record(r.latency.as_secs_f64());
+                self.meters.count(result);
+                self.meters.latency.record(r.latency.as_secs_f64());
                 AttemptRecord {
                     outbox_id: row.id,
                     attempt: row.attempts + 1,
@@ -331,21 +380,90 @@ impl Worker {
                 }
             })
             .collect();
-        let store = self.store.clone();
-        let owner = self.owner.clone();
-        blocking(move || store.record_attempts(&owner, &attempts)).await?;
-        if let Some(wait) = pause {
-            tracing::info!(
-                seconds = wait.as_secs_f64(),
-                "provider asked to wait; pausing"
-            );
-            self.paused_until = Some(Instant::now() + wait);
+        Judged {
+            attempts,
+            report,
+            pause,
         }
-        Ok(report)
     }
 
-    /// Steps until `shutdown`; then releases this worker's leases (rows being sent go back to
-    /// pending and are sent again later: at least once).
+    fn pause_for(&mut self, wait: Duration) {
+        tracing::info!(destination = %self.destination, seconds = wait.as_secs_f64(), "provider asked to wait; pausing");
+        self.paused_until = Some(Instant::now() + wait);
+    }
+
+    /// One step: claim due rows, send them, record the attempts. Deterministic for tests.
+    #[tracing::instrument(skip_all, fields(destination = %self.destination))]
+    pub async fn step(&mut self) -> Result<StepReport, StoreError> {
+        let rows = join(self.spawn_claim()).await?;
+        if rows.is_empty() {
+            return Ok(StepReport::default());
+        }
+        let results = self.transport.send(&rows, &self.budget).await;
+        let judged = self.judge(&rows, results);
+        join(self.spawn_record(judged.attempts)).await?;
+        if let Some(wait) = judged.pause {
+            self.pause_for(wait);
+        }
+        Ok(judged.report)
+    }
+
+    /// Deliver until nothing is due (or `stop`), pipelined: while one batch is on the wire the
+    /// next is claimed and the previous one recorded, so the store's work overlaps the
+    /// provider's. Claimed rows carry this worker's lease, so a batch claimed ahead never
+    /// overlaps the one in flight, and per-entity order holds (a row waits while an earlier
+    /// one of its entity is pending, leased or not). Returns what was done.
+    pub async fn drain(&mut self, stop: &CancellationToken) -> Result<StepReport, StoreError> {
+        let mut total = StepReport::default();
+        let mut rows = join(self.spawn_claim()).await?;
+        let mut recording: Option<JoinHandle<Result<(), StoreError>>> = None;
+        let mut outcome = Ok(());
+        while !rows.is_empty() {
+            let next = self.spawn_claim();
+            let results = tokio::select! {
+                r = self.transport.send(&rows, &self.budget) => Some(r),
+                _ = stop.cancelled() => None,
+            };
+            let Some(results) = results else {
+                // Stopping: what was in flight stays pending (sent again later).
+                outcome = join(next).await.map(|_| ());
+                break;
+            };
+            let judged = self.judge(&rows, results);
+            if let Some(previous) = recording.take() {
+                join(previous).await?;
+            }
+            recording = Some(self.spawn_record(judged.attempts));
+            total.claimed += judged.report.claimed;
+            total.delivered += judged.report.delivered;
+            total.retried += judged.report.retried;
+            total.dead += judged.report.dead;
+            rows = join(next).await?;
+            if let Some(wait) = judged.pause {
+                // Claimed ahead but not sent: give them back before waiting.
+                self.pause_for(wait);
+                if !rows.is_empty() {
+                    if let Some(previous) = recording.take() {
+                        join(previous).await?;
+                    }
+                    let store = self.store.clone();
+                    let owner = self.owner.clone();
+                    join(tokio::task::spawn_blocking(move || {
+                        store.release_leases(&owner)
+                    }))
+                    .await?;
+                }
+                break;
+            }
+        }
+        if let Some(previous) = recording.take() {
+            join(previous).await?;
+        }
+        outcome.map(|()| total)
+    }
+
+    /// Drain until `shutdown`; then release this worker's leases (rows claimed but not yet
+    /// answered go back to pending and are sent again later: at least once).
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
@@ -355,17 +473,21 @@ impl Worker {
                     _ = tokio::time::sleep_until(until.into()) => {}
                 }
             }
-            let wait = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                stepped = self.step() => match stepped {
-                    Ok(report) if report.is_idle() => Some(self.poll),
-                    Ok(_) => { failures = 0; None }
-                    Err(e) => {
-                        failures = failures.saturating_add(1);
-                        tracing::warn!(destination = %self.destination, error = %e, "delivery step failed");
-                        Some(crate::sources::amqp::backoff_delay(failures, self.poll, Duration::from_secs(30)))
-                    }
-                },
+            let wait = match self.drain(&shutdown).await {
+                Ok(report) if report.is_idle() => Some(self.poll),
+                Ok(_) => {
+                    failures = 0;
+                    None
+                }
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(destination = %self.destination, error = %e, "delivery step failed");
+                    Some(crate::sources::amqp::backoff_delay(
+                        failures,
+                        self.poll,
+                        Duration::from_secs(30),
+                    ))
+                }
             };
             if let Some(wait) = wait {
                 tokio::select! {
@@ -377,7 +499,11 @@ impl Worker {
         self.transport.close().await;
         let store = self.store.clone();
         let owner = self.owner.clone();
-        match blocking(move || store.release_leases(&owner)).await {
+        match join(tokio::task::spawn_blocking(move || {
+            store.release_leases(&owner)
+        }))
+        .await
+        {
             Ok(n) => {
                 tracing::info!(destination = %self.destination, released = n, "delivery worker stopped")
             }
@@ -388,11 +514,15 @@ impl Worker {
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
-) -> Result<T, StoreError> {
-    tokio::task::spawn_blocking(f)
-        .await
+/// What a batch's answers mean.
+struct Judged {
+    attempts: Vec<AttemptRecord>,
+    report: StepReport,
+    pause: Option<Duration>,
+}
+
+async fn join<T>(task: JoinHandle<Result<T, StoreError>>) -> Result<T, StoreError> {
+    task.await
         .map_err(|e| StoreError::Unavailable(format!("store task failed: {e}")))?
 }
 

@@ -171,7 +171,12 @@ pub trait Store: Send + Sync + 'static {
     }
     /// Record attempts and move their rows on (delivered, rescheduled or dead), releasing the
     /// lease; rows whose lease `owner` no longer holds are left alone (the attempt is kept).
-    fn record_attempts(&self, _owner: &str, _attempts: &[AttemptRecord]) -> Result<(), StoreError> {
+    fn record_attempts(
+        &self,
+        _destination: &str,
+        _owner: &str,
+        _attempts: &[AttemptRecord],
+    ) -> Result<(), StoreError> {
         Err(no_outbox())
     }
     /// Release every lease `owner` holds (graceful shutdown); returns how many.

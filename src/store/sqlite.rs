@@ -167,6 +167,9 @@ const RECORD_COLUMNS: &str =
 /// The ingest transaction on the writer connection.
 struct Tx<'c> {
     conn: &'c Connection,
+    /// The last outbox payload written and its id: the rows of one event for several
+    /// destinations share it.
+    last_payload: Option<(String, i64)>,
 }
 
 impl StoreTx for Tx<'_> {
@@ -273,10 +276,21 @@ impl StoreTx for Tx<'_> {
     }
 
     fn insert_outbox(&mut self, r: &NewOutboxRow<'_>) -> Result<i64, StoreError> {
+        let payload_id = match &self.last_payload {
+            Some((text, id)) if text == r.payload => *id,
+            _ => {
+                self.conn
+                    .prepare_cached("INSERT INTO outbox_payloads (payload) VALUES (?1)")?
+                    .execute([r.payload])?;
+                let id = self.conn.last_insert_rowid();
+                self.last_payload = Some((r.payload.to_owned(), id));
+                id
+            }
+        };
         self.conn
             .prepare_cached(
-                "INSERT INTO outbox (destination, source, kind, entity, inbox_id, payload, coalesce,
-                                     schedule, created_at, next_attempt_at)
+                "INSERT INTO outbox (destination, source, kind, entity, inbox_id, payload_id,
+                                     coalesce, schedule, created_at, next_attempt_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
             )?
             .execute(params![
@@ -285,7 +299,7 @@ impl StoreTx for Tx<'_> {
                 r.kind,
                 r.entity,
                 r.inbox_id,
-                r.payload,
+                payload_id,
                 r.coalesce,
                 r.schedule,
                 r.created_at
@@ -294,7 +308,8 @@ impl StoreTx for Tx<'_> {
     }
 }
 
-const OUTBOX_COLUMNS: &str = "id, destination, source, kind, entity, inbox_id, payload, coalesce,
+const OUTBOX_COLUMNS: &str = "id, destination, source, kind, entity, inbox_id,
+    (SELECT p.payload FROM outbox_payloads p WHERE p.id = payload_id), coalesce,
     schedule, created_at, state, attempts, next_attempt_at, locked_until, last_status, last_error,
     last_response, finished_at, superseded_by, replays";
 
@@ -346,31 +361,34 @@ fn in_write_tx<T>(
 }
 
 fn claim_deliveries(conn: &Connection, c: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
-    // Heads only: a row with an earlier pending row of the same key waits for it.
+    // Heads only: a row with an earlier pending row of the same key waits for it. One
+    // statement finds and leases them.
     let mut heads = conn
         .prepare_cached(&format!(
-            "SELECT {OUTBOX_COLUMNS} FROM outbox o
-             WHERE destination = ?1 AND state = 'pending' AND next_attempt_at <= ?2
-               AND (locked_until IS NULL OR locked_until <= ?2)
-               AND NOT EXISTS (SELECT 1 FROM outbox p
-                               WHERE p.destination = o.destination AND p.entity = o.entity
-                                 AND p.state = 'pending' AND p.id < o.id)
-             ORDER BY next_attempt_at, id LIMIT ?3"
+            "UPDATE outbox SET locked_until = ?4, lease_owner = ?5
+             WHERE id IN (
+               SELECT id FROM outbox o
+               WHERE destination = ?1 AND state = 'pending' AND next_attempt_at <= ?2
+                 AND (locked_until IS NULL OR locked_until <= ?2)
+                 AND NOT EXISTS (SELECT 1 FROM outbox p
+                                 WHERE p.destination = o.destination AND p.entity = o.entity
+                                   AND p.state = 'pending' AND p.id < o.id)
+               ORDER BY next_attempt_at, id LIMIT ?3)
+             RETURNING {OUTBOX_COLUMNS}"
         ))?
-        .query_map(params![c.destination, c.now, c.limit as i64], read_outbox)?
+        .query_map(
+            params![c.destination, c.now, c.limit as i64, c.lease_until, c.owner],
+            read_outbox,
+        )?
         .collect::<Result<Vec<_>, _>>()?;
+    // RETURNING has no order: oldest due first, as selected.
+    heads.sort_by_key(|r| (r.next_attempt_at, r.id));
     if c.coalesce {
         for head in heads.iter_mut() {
             if head.coalesce {
                 coalesce_into_latest(conn, c, head)?;
             }
         }
-    }
-    let mut lease =
-        conn.prepare_cached("UPDATE outbox SET locked_until = ?2, lease_owner = ?3 WHERE id = ?1")?;
-    for row in &mut heads {
-        lease.execute(params![row.id, c.lease_until, c.owner])?;
-        row.locked_until = Some(c.lease_until);
     }
     Ok(heads)
 }
@@ -406,8 +424,10 @@ fn coalesce_into_latest(
          WHERE destination = ?1 AND entity = ?2 AND state = 'pending' AND id >= ?3 AND id < ?4",
     )?
     .execute(params![c.destination, head.entity, head.id, latest, c.now])?;
-    conn.prepare_cached("UPDATE outbox SET attempts = ?2 WHERE id = ?1")?
-        .execute(params![latest, head.attempts])?;
+    conn.prepare_cached(
+        "UPDATE outbox SET attempts = ?2, locked_until = ?3, lease_owner = ?4 WHERE id = ?1",
+    )?
+    .execute(params![latest, head.attempts, c.lease_until, c.owner])?;
     let replacement = conn
         .prepare_cached(&format!(
             "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ?1"
@@ -419,13 +439,14 @@ fn coalesce_into_latest(
 
 fn record_attempts(
     conn: &Connection,
+    destination: &str,
     owner: &str,
     attempts: &[AttemptRecord],
 ) -> Result<(), StoreError> {
     let mut insert = conn.prepare_cached(
         "INSERT INTO delivery_attempts (outbox_id, destination, attempt, started_at, latency_ms,
                                         outcome, status, error, response, next_attempt_at)
-         SELECT ?1, destination, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9 FROM outbox WHERE id = ?1",
+         VALUES (?1, ?10, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     let mut update = conn.prepare_cached(
         "UPDATE outbox SET state = ?2, attempts = ?3, next_attempt_at = COALESCE(?4, next_attempt_at),
@@ -452,7 +473,8 @@ fn record_attempts(
             a.status,
             a.error,
             a.response,
-            next
+            next,
+            destination
         ])?;
         update.execute(params![
             a.outbox_id,
@@ -525,7 +547,10 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let conn = self.lock_writer();
         conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = f(&mut Tx { conn: &conn });
+        let result = f(&mut Tx {
+            conn: &conn,
+            last_payload: None,
+        });
         match result {
             Ok(()) => match conn.execute_batch("COMMIT") {
                 Ok(()) => Ok(()),
@@ -649,12 +674,17 @@ impl Store for SqliteStore {
         in_write_tx(&conn, |c| claim_deliveries(c, claim))
     }
 
-    fn record_attempts(&self, owner: &str, attempts: &[AttemptRecord]) -> Result<(), StoreError> {
+    fn record_attempts(
+        &self,
+        destination: &str,
+        owner: &str,
+        attempts: &[AttemptRecord],
+    ) -> Result<(), StoreError> {
         if attempts.is_empty() {
             return Ok(());
         }
         let conn = self.lock_writer();
-        in_write_tx(&conn, |c| record_attempts(c, owner, attempts))
+        in_write_tx(&conn, |c| record_attempts(c, destination, owner, attempts))
     }
 
     fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
@@ -749,15 +779,18 @@ impl Store for SqliteStore {
 
     fn delivery_stats(&self, destination: &str) -> Result<DestinationStats, StoreError> {
         self.with_reader(|c| {
-            let count = |state: &str| -> Result<(i64, Option<i64>), StoreError> {
-                Ok(c.prepare_cached(
+            // Literal states, so the partial indexes apply.
+            let (pending, oldest_pending_at) = c
+                .prepare_cached(
                     "SELECT COUNT(*), MIN(created_at) FROM outbox
-                     WHERE destination = ?1 AND state = ?2",
+                     WHERE destination = ?1 AND state = 'pending'",
                 )?
-                .query_row(params![destination, state], |r| Ok((r.get(0)?, r.get(1)?)))?)
-            };
-            let (pending, oldest_pending_at) = count("pending")?;
-            let (dead, _) = count("dead")?;
+                .query_row([destination], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let dead = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM outbox WHERE destination = ?1 AND state = 'dead'",
+                )?
+                .query_row([destination], |r| r.get(0))?;
             Ok(DestinationStats {
                 destination: destination.to_owned(),
                 pending,

@@ -312,16 +312,24 @@ async fn erp_change_reaches_the_webhook_signed_and_a_duplicate_sends_nothing() {
     assert_eq!(seen[1].json()["entity"], "c-2");
 
     let store = app.store();
-    let rows = query(store, |s| {
-        s.list_deliveries(&DeliveryFilter {
-            limit: 10,
-            ..DeliveryFilter::default()
-        })
-        .unwrap()
+    let rows = eventually(20, "both rows recorded as delivered", || {
+        let store = store.clone();
+        async move {
+            let rows = query(store, |s| {
+                s.list_deliveries(&DeliveryFilter {
+                    limit: 10,
+                    ..DeliveryFilter::default()
+                })
+                .unwrap()
+            })
+            .await;
+            rows.iter()
+                .all(|r| r.state == DeliveryState::Delivered)
+                .then_some(rows)
+        }
     })
     .await;
     assert_eq!(rows.len(), 2, "one row per real change");
-    assert!(rows.iter().all(|r| r.state == DeliveryState::Delivered));
     let metrics = app
         .http
         .get(app.url("/metrics"))
