@@ -408,44 +408,48 @@ impl Worker {
         Ok(judged.report)
     }
 
-    /// Deliver until nothing is due (or `stop`), pipelined: while one batch is on the wire the
-    /// next is claimed and the previous one recorded, so the store's work overlaps the
-    /// provider's. Claimed rows carry this worker's lease, so a batch claimed ahead never
-    /// overlaps the one in flight, and per-entity order holds (a row waits while an earlier
-    /// one of its entity is pending, leased or not). Returns what was done.
+    fn spawn_record_then_claim(
+        &self,
+        attempts: Vec<AttemptRecord>,
+    ) -> JoinHandle<Result<Vec<OutboxRow>, StoreError>> {
+        let store = self.store.clone();
+        let claim = self.claim_request();
+        tokio::task::spawn_blocking(move || store.record_then_claim(&attempts, &claim))
+    }
+
+    /// Deliver until nothing is due (or `stop`), pipelined: while batch k+1 is on the wire,
+    /// one transaction records batch k and claims batch k+2, so the store's work overlaps the
+    /// provider's and costs one commit per batch. Claimed rows carry this worker's lease, so a
+    /// batch claimed ahead never overlaps the one in flight, and per-entity order holds (a row
+    /// waits while an earlier one of its entity is pending, leased or not).
     pub async fn drain(&mut self, stop: &CancellationToken) -> Result<StepReport, StoreError> {
         let mut total = StepReport::default();
-        let mut rows = join(self.spawn_claim()).await?;
-        let mut recording: Option<JoinHandle<Result<(), StoreError>>> = None;
-        let mut outcome = Ok(());
-        while !rows.is_empty() {
-            let next = self.spawn_claim();
+        let mut current = join(self.spawn_claim()).await?;
+        if current.is_empty() {
+            return Ok(total);
+        }
+        let mut ahead = self.spawn_claim();
+        loop {
             let results = tokio::select! {
-                r = self.transport.send(&rows, &self.budget) => Some(r),
+                r = self.transport.send(&current, &self.budget) => Some(r),
                 _ = stop.cancelled() => None,
             };
             let Some(results) = results else {
-                // Stopping: what was in flight stays pending (sent again later).
-                outcome = join(next).await.map(|_| ());
-                break;
+                // Stopping: what was in flight stays pending (sent again later); the caller
+                // releases the leases.
+                join(ahead).await?;
+                return Ok(total);
             };
-            let judged = self.judge(&rows, results);
-            if let Some(previous) = recording.take() {
-                join(previous).await?;
-            }
-            recording = Some(self.spawn_record(judged.attempts));
+            let judged = self.judge(&current, results);
             total.claimed += judged.report.claimed;
             total.delivered += judged.report.delivered;
             total.retried += judged.report.retried;
             total.dead += judged.report.dead;
-            rows = join(next).await?;
+            let next = join(ahead).await?;
             if let Some(wait) = judged.pause {
-                // Claimed ahead but not sent: give them back before waiting.
-                self.pause_for(wait);
-                if !rows.is_empty() {
-                    if let Some(previous) = recording.take() {
-                        join(previous).await?;
-                    }
+                join(self.spawn_record(judged.attempts)).await?;
+                if !next.is_empty() {
+                    // Claimed ahead but not sent: give them back before waiting.
                     let store = self.store.clone();
                     let owner = self.owner.clone();
                     join(tokio::task::spawn_blocking(move || {
@@ -453,13 +457,20 @@ impl Worker {
                     }))
                     .await?;
                 }
-                break;
+                self.pause_for(wait);
+                return Ok(total);
+            }
+            if next.is_empty() {
+                current = join(self.spawn_record_then_claim(judged.attempts)).await?;
+                if current.is_empty() {
+                    return Ok(total);
+                }
+                ahead = self.spawn_claim();
+            } else {
+                ahead = self.spawn_record_then_claim(judged.attempts);
+                current = next;
             }
         }
-        if let Some(previous) = recording.take() {
-            join(previous).await?;
-        }
-        outcome.map(|()| total)
     }
 
     /// Drain until `shutdown`; then release this worker's leases (rows claimed but not yet

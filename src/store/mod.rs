@@ -179,6 +179,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<(), StoreError> {
         Err(no_outbox())
     }
+    /// [`Store::record_attempts`] then [`Store::claim_deliveries`], in one transaction where the
+    /// backend can (the worker's steady state: one commit per batch).
+    fn record_then_claim(
+        &self,
+        attempts: &[AttemptRecord],
+        claim: &ClaimRequest,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        self.record_attempts(&claim.destination, &claim.owner, attempts)?;
+        self.claim_deliveries(claim)
+    }
     /// Release every lease `owner` holds (graceful shutdown); returns how many.
     fn release_leases(&self, _owner: &str) -> Result<usize, StoreError> {
         Err(no_outbox())

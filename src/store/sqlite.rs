@@ -687,6 +687,18 @@ impl Store for SqliteStore {
         in_write_tx(&conn, |c| record_attempts(c, destination, owner, attempts))
     }
 
+    fn record_then_claim(
+        &self,
+        attempts: &[AttemptRecord],
+        claim: &ClaimRequest,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let conn = self.lock_writer();
+        in_write_tx(&conn, |c| {
+            record_attempts(c, &claim.destination, &claim.owner, attempts)?;
+            claim_deliveries(c, claim)
+        })
+    }
+
     fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
         let conn = self.lock_writer();
         in_write_tx(&conn, |c| {

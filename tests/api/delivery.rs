@@ -1099,3 +1099,54 @@ async fn kill_9_during_delivery_resumes_after_restart_at_least_once() {
     assert_eq!(entities.len(), 20, "every change reached the provider");
     broker.delete_queues(&queues.all()).await;
 }
+
+#[tokio::test]
+async fn the_pipelined_drain_keeps_per_entity_order_under_retries() {
+    let provider = Provider::start().await;
+    provider.then(Reply::status(503));
+    let (settings, store) = outbox(&webhook(
+        "crm",
+        &provider.url("/h"),
+        ", batch_size=2, concurrency=2",
+    ));
+    let mut rows = Vec::new();
+    for v in 1..=3 {
+        rows.push(("crm", "A", customer_event(v, "A", v, None), false, "0,0"));
+        for b in 0..3 {
+            let entity = format!("B{v}{b}");
+            rows.push((
+                "crm",
+                "B",
+                customer_event(100 + v * 10 + b, &entity, 1, None),
+                false,
+                "0,0",
+            ));
+        }
+    }
+    // The B rows share one ordering key too ("erp:B"): two interleaved streams.
+    enqueue(&store, &rows);
+    let mut w = worker(&settings, &store, 0);
+    let report = w
+        .drain(&tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((report.delivered, report.retried), (12, 1));
+    let versions = |entity_prefix: &str| -> Vec<i64> {
+        provider
+            .seen()
+            .iter()
+            .map(Seen::json)
+            .filter(|e| e["entity"].as_str().unwrap().starts_with(entity_prefix))
+            .map(|e| e["inbox_id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        versions("A"),
+        [1, 1, 2, 3],
+        "A1 retried before A2 and A3 went out"
+    );
+    let b = versions("B");
+    let mut sorted = b.clone();
+    sorted.sort_unstable();
+    assert_eq!(b, sorted, "B rows in commit order");
+}
