@@ -177,7 +177,8 @@ fn deliveries(settings: &Settings, action: DeliveriesAction) -> Result<(), CliEr
             .transpose()
             .map_err(|m| CliError::Usage(format!("--since: {m}")))
     };
-    let store = open_store(settings, false)?;
+    // Like `serve`: an upgraded binary may meet a database without the outbox tables yet.
+    let store = open_store(settings, settings.store.migrate_on_start)?;
     match action {
         DeliveriesAction::List {
             dead,
