@@ -477,7 +477,9 @@ impl Settings {
             }
             match d.kind {
                 DestinationKind::Webhook => {
-                    if !(d.url.starts_with("http://") || d.url.starts_with("https://")) {
+                    let url_ok = (d.url.starts_with("http://") || d.url.starts_with("https://"))
+                        && reqwest::Url::parse(&d.url).is_ok();
+                    if !url_ok {
                         return Err(invalid(&key("url"), "must be an http:// or https:// URL"));
                     }
                     crate::delivery::webhook::parse_secrets(d.secret.expose())
@@ -948,6 +950,11 @@ event_ids = { "order.created" = "77" }
             (WEBHOOK, vec![], "destinations[1].secret_env"),
             (
                 "[[destinations]]\nname = \"a\"\nkind = \"webhook\"\nurl = \"ftp://x\"\n",
+                vec![],
+                "destinations[0].url",
+            ),
+            (
+                "[[destinations]]\nname = \"a\"\nkind = \"webhook\"\nurl = \"http://[x\"\n",
                 vec![],
                 "destinations[0].url",
             ),

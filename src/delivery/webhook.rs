@@ -65,7 +65,8 @@ pub fn sign(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &[u8]) -> String {
 
 pub struct WebhookTransport {
     pub client: reqwest::Client,
-    pub url: String,
+    /// Parsed once (not per request).
+    pub url: reqwest::Url,
     pub keys: Vec<Vec<u8>>,
     pub concurrency: usize,
 }
@@ -101,7 +102,7 @@ impl WebhookTransport {
         let clock = Instant::now();
         let sent = self
             .client
-            .post(&self.url)
+            .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header("webhook-id", &id)
             .header("webhook-timestamp", timestamp.to_string())

@@ -127,7 +127,7 @@ impl Transport {
         Ok(match d.kind {
             DestinationKind::Webhook => Transport::Webhook(WebhookTransport {
                 client: http_client(d.timeout)?,
-                url: d.url.clone(),
+                url: reqwest::Url::parse(&d.url)?,
                 keys: parse_secrets(d.secret.expose()).map_err(anyhow::Error::msg)?,
                 concurrency: d.concurrency,
             }),
