@@ -339,6 +339,27 @@ fn read_outbox(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
     })
 }
 
+/// Run `f` in one delivery-bookkeeping transaction without waiting for the disk: in WAL mode
+/// with `synchronous = NORMAL` the commit is durable once the next fsync happens (the next
+/// ingest commit, or a checkpoint). Losing such a commit to a power cut only means a claim is
+/// forgotten (the row is claimed again) or a delivery is sent again: at least once holds. The
+/// outbox rows themselves are written by ingest, with the configured durability.
+fn in_bookkeeping_tx<T>(
+    conn: &Connection,
+    synchronous: SqliteSynchronous,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if synchronous == SqliteSynchronous::Normal {
+        return in_write_tx(conn, f);
+    }
+    conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+    let result = in_write_tx(conn, f);
+    let restored = conn.execute_batch("PRAGMA synchronous = FULL");
+    let value = result?;
+    restored?;
+    Ok(value)
+}
+
 /// Run `f` in one write transaction on the writer connection (`BEGIN IMMEDIATE`).
 fn in_write_tx<T>(
     conn: &Connection,
@@ -671,7 +692,7 @@ impl Store for SqliteStore {
 
     fn claim_deliveries(&self, claim: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
         let conn = self.lock_writer();
-        in_write_tx(&conn, |c| claim_deliveries(c, claim))
+        in_bookkeeping_tx(&conn, self.synchronous, |c| claim_deliveries(c, claim))
     }
 
     fn record_attempts(
@@ -684,7 +705,9 @@ impl Store for SqliteStore {
             return Ok(());
         }
         let conn = self.lock_writer();
-        in_write_tx(&conn, |c| record_attempts(c, destination, owner, attempts))
+        in_bookkeeping_tx(&conn, self.synchronous, |c| {
+            record_attempts(c, destination, owner, attempts)
+        })
     }
 
     fn record_then_claim(
@@ -693,7 +716,7 @@ impl Store for SqliteStore {
         claim: &ClaimRequest,
     ) -> Result<Vec<OutboxRow>, StoreError> {
         let conn = self.lock_writer();
-        in_write_tx(&conn, |c| {
+        in_bookkeeping_tx(&conn, self.synchronous, |c| {
             record_attempts(c, &claim.destination, &claim.owner, attempts)?;
             claim_deliveries(c, claim)
         })
