@@ -1150,3 +1150,72 @@ async fn the_pipelined_drain_keeps_per_entity_order_under_retries() {
     sorted.sort_unstable();
     assert_eq!(b, sorted, "B rows in commit order");
 }
+
+#[tokio::test]
+async fn emarsys_429_retries_the_whole_call_after_retry_after() {
+    let provider = Provider::start().await;
+    provider.then(Reply::status(429).header("retry-after", "30"));
+    let (settings, store) = outbox(&emarsys(&provider.url(""), ""));
+    let ids = enqueue(
+        &store,
+        &[
+            (
+                "em",
+                "1",
+                customer_event(1, "1", 1, Some("a@example.com")),
+                true,
+                "5000",
+            ),
+            (
+                "em",
+                "2",
+                customer_event(2, "2", 1, Some("b@example.com")),
+                true,
+                "5000",
+            ),
+        ],
+    );
+    let mut w = worker(&settings, &store, 0);
+    assert_eq!(w.step().await.unwrap().retried, 2);
+    assert_eq!(provider.seen().len(), 1, "one call for both contacts");
+    for id in ids {
+        let tried = attempts(&store, id).await;
+        assert_eq!(tried[0].status, Some(429));
+        let wait = tried[0].next_attempt_at.unwrap() - tried[0].started_at;
+        assert!((30_000..32_000).contains(&wait), "{wait}");
+    }
+}
+
+#[tokio::test]
+async fn a_429_pauses_the_destination_and_gives_back_what_was_claimed_ahead() {
+    let provider = Provider::start().await;
+    provider.then(Reply::status(429).header("retry-after", "30"));
+    let (settings, store) = outbox(&webhook(
+        "crm",
+        &provider.url("/h"),
+        ", batch_size=1, concurrency=1",
+    ));
+    let ids = enqueue(
+        &store,
+        &[
+            ("crm", "1", customer_event(1, "1", 1, None), false, "5000"),
+            ("crm", "2", customer_event(2, "2", 1, None), false, "5000"),
+            ("crm", "3", customer_event(3, "3", 1, None), false, "5000"),
+        ],
+    );
+    let mut w = worker(&settings, &store, 0);
+    let report = w
+        .drain(&tokio_util::sync::CancellationToken::new())
+        .await
+        .unwrap();
+    assert_eq!((report.claimed, report.retried), (1, 1));
+    assert_eq!(provider.seen().len(), 1, "nothing more sent while paused");
+    for id in &ids[1..] {
+        let r = row(&store, *id).await;
+        assert_eq!(
+            (r.attempts, r.locked_until),
+            (0, None),
+            "row {id} given back"
+        );
+    }
+}
