@@ -1,6 +1,8 @@
 //! One delivery worker per destination. A step claims due rows with a lease, sends them through
-//! the destination's transport, and records every attempt; `run` repeats steps until shutdown,
-//! then releases the leases it still holds. Tests drive [`Worker::step`] one at a time.
+//! the destination's transport, and records every attempt. `run` drains due rows (pipelined:
+//! the next batch is claimed and the last one recorded while one is on the wire) until
+//! shutdown, then releases the leases it still holds. Tests drive [`Worker::step`] one at a
+//! time, or [`Worker::drain`].
 
 use std::{
     sync::Arc,
