@@ -1,6 +1,7 @@
-//! The command line: `serve`, `migrate`, `config print|check`, `--version`.
+//! The command line: `serve`, `migrate`, `config print|check`, `deliveries list|replay`,
+//! `--version`.
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
@@ -8,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::{ConfigSource, Settings},
     startup::{open_store, Application},
+    store::{DeliveryFilter, DeliveryState, ReplayRequest},
     telemetry,
 };
 
@@ -54,6 +56,44 @@ pub enum Command {
     Config {
         #[command(subcommand)]
         action: ConfigAction,
+    },
+    /// Inspect the delivery outbox and replay dead deliveries.
+    Deliveries {
+        #[command(subcommand)]
+        action: DeliveriesAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeliveriesAction {
+    /// List outbox rows, oldest first (one JSON object per line with --json).
+    List {
+        /// Only dead rows (same as --state dead).
+        #[arg(long)]
+        dead: bool,
+        /// pending | delivered | dead | superseded
+        #[arg(long, conflicts_with = "dead")]
+        state: Option<String>,
+        #[arg(long, value_name = "NAME")]
+        destination: Option<String>,
+        /// Rows created since: RFC 3339, YYYY-MM-DD, or a duration back (24h).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make dead rows pending again (attempts reset, due now); the replay is recorded.
+    Replay {
+        /// Required: replay the dead rows (the confirmation that this resends them).
+        #[arg(long, required = true)]
+        dead: bool,
+        #[arg(long, value_name = "NAME")]
+        destination: Option<String>,
+        /// Only rows created since: RFC 3339, YYYY-MM-DD, or a duration back (24h).
+        #[arg(long, value_name = "TIME")]
+        since: Option<String>,
     },
 }
 
@@ -107,6 +147,17 @@ pub fn run(cli: Cli) -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
+        Command::Deliveries { action } => {
+            telemetry::init_logging(&settings.log);
+            match deliveries(&settings, action) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(CliError::Usage(m)) => {
+                    eprintln!("error: {m}");
+                    ExitCode::from(2)
+                }
+                Err(CliError::Failed(e)) => fail(&e),
+            }
+        }
         Command::Serve => {
             telemetry::init_logging(&settings.log);
             let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -138,6 +189,98 @@ pub fn unsubscribe_link(settings: &Settings, email: &str) -> Result<String, Stri
         "{}/u/{token}",
         settings.consent.link_base_url.trim_end_matches('/')
     ))
+}
+
+enum CliError {
+    Usage(String),
+    Failed(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for CliError {
+    fn from(e: E) -> Self {
+        CliError::Failed(e.into())
+    }
+}
+
+fn deliveries(settings: &Settings, action: DeliveriesAction) -> Result<(), CliError> {
+    let now = crate::clock::now_ms();
+    let since = |t: &Option<String>| {
+        t.as_deref()
+            .map(|t| crate::delivery::parse_since(t, now))
+            .transpose()
+            .map_err(|m| CliError::Usage(format!("--since: {m}")))
+    };
+    // Like `serve`: an upgraded binary may meet a database without the outbox tables yet.
+    let store = open_store(settings, settings.store.migrate_on_start)?;
+    match action {
+        DeliveriesAction::List {
+            dead,
+            state,
+            destination,
+            since: from,
+            limit,
+            json,
+        } => {
+            let state = match (dead, state.as_deref()) {
+                (true, _) => Some(DeliveryState::Dead),
+                (false, None) => None,
+                (false, Some(s)) => Some(DeliveryState::parse(s).ok_or_else(|| {
+                    CliError::Usage(format!(
+                        "--state {s:?}: use pending, delivered, dead or superseded"
+                    ))
+                })?),
+            };
+            let rows = store.list_deliveries(&DeliveryFilter {
+                state,
+                destination,
+                since: since(&from)?,
+                after_id: None,
+                limit: limit.max(1),
+            })?;
+            let mut out = std::io::stdout().lock();
+            for row in &rows {
+                let line = if json {
+                    crate::delivery::row_json(row).to_string()
+                } else {
+                    format!(
+                        "{}\t{}\t{}\t{} attempt(s)\t{}\t{}\t{}\t{}",
+                        row.id,
+                        row.destination,
+                        row.state.as_str(),
+                        row.attempts,
+                        row.kind,
+                        row.entity,
+                        crate::clock::to_rfc3339(row.created_at),
+                        row.last_error.as_deref().unwrap_or("-"),
+                    )
+                };
+                writeln!(out, "{line}")?;
+            }
+            if !json {
+                writeln!(out, "{} row(s)", rows.len())?;
+            }
+            Ok(())
+        }
+        DeliveriesAction::Replay {
+            dead: _,
+            destination,
+            since: from,
+        } => {
+            let outcome = store.replay_dead(&ReplayRequest {
+                destination,
+                since: since(&from)?,
+                actor: "cli".into(),
+                now,
+            })?;
+            println!(
+                "{} dead deliver{} replayed (replay {})",
+                outcome.rows,
+                if outcome.rows == 1 { "y" } else { "ies" },
+                outcome.replay_id
+            );
+            Ok(())
+        }
+    }
 }
 
 fn fail(e: &anyhow::Error) -> ExitCode {

@@ -2,7 +2,7 @@
 //! `SUBGATE__SECTION__KEY` environment variables. Every key is typed and validated once, here;
 //! an error names the key.
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, time::Duration};
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
@@ -51,6 +51,227 @@ pub struct Settings {
     pub akinon: AkinonSettings,
     pub admin: AdminSettings,
     pub listener: ListenerSettings,
+    pub delivery: DeliverySettings,
+    /// Where real changes are delivered (`[[destinations]]`); none by default.
+    #[serde(default)]
+    pub destinations: Vec<DestinationSettings>,
+}
+
+/// The delivery workers, for every destination.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeliverySettings {
+    pub enabled: bool,
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub poll_interval: Duration,
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub lease: Duration,
+    #[serde(
+        deserialize_with = "deserialize_durations",
+        serialize_with = "serialize_durations"
+    )]
+    pub retry_schedule: Vec<Duration>,
+    pub jitter_percent: u8,
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub max_retry_after: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DestinationKind {
+    Webhook,
+    Emarsys,
+    Amqp,
+}
+
+impl DestinationKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestinationKind::Webhook => "webhook",
+            DestinationKind::Emarsys => "emarsys",
+            DestinationKind::Amqp => "amqp",
+        }
+    }
+}
+
+/// One `[[destinations]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationSettings {
+    pub name: String,
+    pub kind: DestinationKind,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// webhook: the endpoint; emarsys: the API base URL; amqp: the broker (default `amqp.url`).
+    #[serde(default)]
+    pub url: String,
+    /// webhook: one or more `whsec_…` secrets separated by spaces; emarsys: the API secret.
+    #[serde(default = "empty_secret")]
+    pub secret: Secret,
+    /// Name of an environment variable holding `secret` (wins over `secret`).
+    #[serde(default)]
+    pub secret_env: String,
+    /// Only events from these sources (empty: all).
+    #[serde(default)]
+    pub sources: Vec<String>,
+    /// Only events of these kinds (empty: all).
+    #[serde(default)]
+    pub kinds: Vec<String>,
+    /// Delays between attempts (default `delivery.retry_schedule`).
+    #[serde(
+        default,
+        deserialize_with = "deserialize_optional_durations",
+        serialize_with = "serialize_optional_durations",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retry_schedule: Option<Vec<Duration>>,
+    /// Requests per minute (default: emarsys 1000, others unlimited; 0: unlimited).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit_per_minute: Option<u32>,
+    /// Requests in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Rows claimed at once (default: webhook 64, amqp 256, emarsys 1000 contacts per call).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<usize>,
+    #[serde(
+        default = "default_timeout",
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub timeout: Duration,
+    /// amqp: the exchange events are republished to (topic, routing key = kind).
+    #[serde(default = "default_exchange")]
+    pub exchange: String,
+    /// emarsys: authentication, field map, event ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emarsys: Option<EmarsysSettings>,
+}
+
+impl DestinationSettings {
+    pub fn schedule<'a>(&'a self, delivery: &'a DeliverySettings) -> &'a [Duration] {
+        self.retry_schedule
+            .as_deref()
+            .unwrap_or(&delivery.retry_schedule)
+    }
+
+    pub fn rate_per_minute(&self) -> u32 {
+        self.rate_limit_per_minute.unwrap_or(match self.kind {
+            DestinationKind::Emarsys => 1000,
+            _ => 0,
+        })
+    }
+
+    pub fn batch(&self) -> usize {
+        self.batch_size.unwrap_or(match self.kind {
+            DestinationKind::Webhook => 64,
+            DestinationKind::Amqp => 256,
+            DestinationKind::Emarsys => 1000,
+        })
+    }
+
+    pub fn emarsys(&self) -> EmarsysSettings {
+        self.emarsys.clone().unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmarsysAuth {
+    /// `X-WSSE` UsernameToken digest: `user` + `secret`.
+    Wsse,
+    /// OAuth2 client credentials: `user` is the client id, `secret` the client secret.
+    Oauth2,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmarsysSettings {
+    pub auth: EmarsysAuth,
+    /// WSSE API user, or OAuth2 client id.
+    pub user: String,
+    pub token_url: String,
+    /// The Emarsys field that identifies a contact (3: email).
+    pub key_id: String,
+    /// Contact view field → Emarsys field id.
+    pub fields: BTreeMap<String, String>,
+    /// Emarsys field of the marketing opt-in, and its values.
+    pub opt_in_field: String,
+    pub opt_in_true: String,
+    pub opt_in_false: String,
+    /// Contact view gender → Emarsys value.
+    pub gender_values: BTreeMap<String, String>,
+    /// Event kind → Emarsys external event id: such events are triggered, not upserted.
+    pub event_ids: BTreeMap<String, String>,
+}
+
+impl Default for EmarsysSettings {
+    fn default() -> Self {
+        let map = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        Self {
+            auth: EmarsysAuth::Wsse,
+            user: String::new(),
+            token_url: "https://auth.emarsys.net/oauth2/token".into(),
+            key_id: "3".into(),
+            fields: map(&[
+                ("first_name", "1"),
+                ("last_name", "2"),
+                ("email", "3"),
+                ("phone", "15"),
+                ("birth_date", "4"),
+                ("gender", "5"),
+            ]),
+            opt_in_field: "31".into(),
+            opt_in_true: "1".into(),
+            opt_in_false: "2".into(),
+            gender_values: map(&[("male", "1"), ("female", "2")]),
+            event_ids: BTreeMap::new(),
+        }
+    }
+}
+
+impl EmarsysSettings {
+    /// The contact view field that holds the key (`email` for key_id 3).
+    pub fn key_field(&self) -> Option<&str> {
+        self.fields
+            .iter()
+            .find(|(_, id)| **id == self.key_id)
+            .map(|(field, _)| field.as_str())
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn empty_secret() -> Secret {
+    Secret::new("")
+}
+
+fn default_concurrency() -> usize {
+    8
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_exchange() -> String {
+    "subgate.events".into()
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -307,15 +528,130 @@ impl Settings {
             merge(&mut table, read_file(path)?);
         }
         apply_env(&mut table, &source.env)?;
-        let settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
+        let mut settings: Settings = serde_path_to_error::deserialize(toml::Value::Table(table))
             .map_err(|e| {
                 let key = e.path().to_string();
                 // The TOML deserializer appends "in `key`" on a second line; one line is enough.
                 let message = e.into_inner().to_string();
                 invalid(&key, message.lines().next().unwrap_or_default())
             })?;
+        settings.resolve_secrets(&source.env)?;
         settings.validate()?;
         Ok(settings)
+    }
+
+    /// `secret_env = "NAME"` → the variable's value becomes `secret`.
+    fn resolve_secrets(&mut self, env: &[(String, String)]) -> Result<(), ConfigError> {
+        for (i, d) in self.destinations.iter_mut().enumerate() {
+            if d.secret_env.is_empty() {
+                continue;
+            }
+            match env.iter().find(|(k, _)| *k == d.secret_env) {
+                Some((_, v)) if !v.is_empty() => d.secret = Secret::new(v.clone()),
+                _ => {
+                    return Err(invalid(
+                        &format!("destinations[{i}].secret_env"),
+                        format!("environment variable {} is not set", d.secret_env),
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_delivery(&self) -> Result<(), ConfigError> {
+        if self.delivery.jitter_percent > 100 {
+            return Err(invalid("delivery.jitter_percent", "must be at most 100"));
+        }
+        if self.delivery.poll_interval.is_zero() {
+            return Err(invalid("delivery.poll_interval", "must be more than 0"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, d) in self.destinations.iter().enumerate() {
+            let key = |k: &str| format!("destinations[{i}].{k}");
+            let name_ok = !d.name.is_empty()
+                && d.name.len() <= 64
+                && d.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+            if !name_ok {
+                return Err(invalid(
+                    &key("name"),
+                    "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if !names.insert(d.name.as_str()) {
+                return Err(invalid(&key("name"), format!("{:?} is used twice", d.name)));
+            }
+            if d.concurrency == 0 || d.concurrency > 256 {
+                return Err(invalid(&key("concurrency"), "must be between 1 and 256"));
+            }
+            if d.batch() == 0 || (d.kind == DestinationKind::Emarsys && d.batch() > 1000) {
+                return Err(invalid(
+                    &key("batch_size"),
+                    "must be at least 1 (emarsys: at most 1000)",
+                ));
+            }
+            if d.timeout.is_zero() || d.timeout >= self.delivery.lease {
+                return Err(invalid(
+                    &key("timeout"),
+                    "must be more than 0 and less than delivery.lease",
+                ));
+            }
+            if d.emarsys.is_some() && d.kind != DestinationKind::Emarsys {
+                return Err(invalid(&key("emarsys"), "only for kind = \"emarsys\""));
+            }
+            match d.kind {
+                DestinationKind::Webhook => {
+                    let url_ok = (d.url.starts_with("http://") || d.url.starts_with("https://"))
+                        && reqwest::Url::parse(&d.url).is_ok();
+                    if !url_ok {
+                        return Err(invalid(&key("url"), "must be an http:// or https:// URL"));
+                    }
+                    crate::delivery::webhook::parse_secrets(d.secret.expose())
+                        .map_err(|m| invalid(&key("secret"), format!("{m} (or set secret_env)")))?;
+                }
+                DestinationKind::Emarsys => {
+                    let e = d.emarsys();
+                    if e.user.is_empty() || d.secret.expose().is_empty() {
+                        return Err(invalid(
+                            &key("emarsys.user"),
+                            "emarsys needs emarsys.user and secret (or secret_env)",
+                        ));
+                    }
+                    if e.key_field().is_none() {
+                        return Err(invalid(
+                            &key("emarsys.key_id"),
+                            "must be one of the field ids in emarsys.fields",
+                        ));
+                    }
+                    let url = self.destination_url(d);
+                    if !(url.starts_with("http://") || url.starts_with("https://")) {
+                        return Err(invalid(&key("url"), "must be an http:// or https:// URL"));
+                    }
+                }
+                DestinationKind::Amqp => {
+                    crate::sources::amqp::BrokerAddress::parse(&self.destination_url(d))
+                        .map_err(|m| invalid(&key("url"), m))?;
+                    if d.exchange.is_empty() || d.exchange.len() > 255 {
+                        return Err(invalid(
+                            &key("exchange"),
+                            "must be a non-empty name of at most 255 bytes",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A destination's URL with the kind's default filled in.
+    pub fn destination_url(&self, d: &DestinationSettings) -> String {
+        match (d.kind, d.url.is_empty()) {
+            (DestinationKind::Emarsys, true) => "https://api.emarsys.net".into(),
+            (DestinationKind::Amqp, true) => self.amqp.url.clone(),
+            _ => d.url.clone(),
+        }
     }
 
     /// Defaults only (tests and `config print` without a file start here).
@@ -428,6 +764,7 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
+        self.validate_delivery()?;
         Ok(())
     }
 
@@ -515,6 +852,10 @@ impl Settings {
         }
         for u in &mut copy.listener.basic_users {
             u.password = u.password.redacted();
+        }
+        for d in &mut copy.destinations {
+            d.secret = d.secret.redacted();
+            d.url = redact_url(&d.url);
         }
         toml::to_string_pretty(&copy).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
@@ -721,6 +1062,38 @@ mod instant {
     }
 }
 
+/// A list of durations: `["5s", "30s", "2m"]`.
+pub fn deserialize_durations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Duration>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| parse_duration(t).map_err(serde::de::Error::custom))
+        .collect()
+}
+
+pub fn serialize_durations<S: serde::Serializer>(
+    list: &[Duration],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(list.iter().map(format_duration))
+}
+
+fn deserialize_optional_durations<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<Duration>>, D::Error> {
+    deserialize_durations(d).map(Some)
+}
+
+fn serialize_optional_durations<S: serde::Serializer>(
+    list: &Option<Vec<Duration>>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match list {
+        Some(l) => serialize_durations(l, s),
+        None => s.serialize_none(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,6 +1177,120 @@ mod tests {
         let printed = s.redacted_toml();
         assert!(!printed.contains("s3cret"));
         assert!(printed.contains("amqp://user:***@host:5672/%2f"));
+    }
+
+    const WEBHOOK: &str = r#"[[destinations]]
+name = "crm"
+kind = "webhook"
+url = "https://user:pw@crm.example.com/hooks"
+secret = "whsec_c2VjcmV0LW9uZQ=="
+retry_schedule = ["1s", "2m"]
+
+[[destinations]]
+name = "emarsys"
+kind = "emarsys"
+secret_env = "EMARSYS_SECRET"
+[destinations.emarsys]
+user = "company001"
+event_ids = { "order.created" = "77" }
+"#;
+
+    #[test]
+    fn destinations_load_with_defaults_and_secret_env() {
+        let s = load(Some(WEBHOOK), &[("EMARSYS_SECRET", "em-s3cret")]).unwrap();
+        let [crm, em] = s.destinations.as_slice() else {
+            panic!("two destinations")
+        };
+        assert_eq!(crm.kind, DestinationKind::Webhook);
+        assert_eq!(
+            crm.schedule(&s.delivery),
+            &[Duration::from_secs(1), Duration::from_secs(120)]
+        );
+        assert_eq!((crm.concurrency, crm.timeout), (8, Duration::from_secs(10)));
+        assert_eq!(crm.rate_per_minute(), 0);
+        assert_eq!(em.secret.expose(), "em-s3cret");
+        assert_eq!(em.rate_per_minute(), 1000);
+        assert_eq!(em.batch(), 1000);
+        assert_eq!(em.schedule(&s.delivery).len(), 10);
+        let e = em.emarsys();
+        assert_eq!((e.key_id.as_str(), e.key_field()), ("3", Some("email")));
+        assert_eq!(e.event_ids["order.created"], "77");
+        assert_eq!(s.destination_url(em), "https://api.emarsys.net");
+    }
+
+    #[test]
+    fn destinations_can_come_from_one_environment_variable() {
+        let s = load(
+            None,
+            &[(
+                "SUBGATE__DESTINATIONS",
+                r#"[{name="bus", kind="amqp", retry_schedule=["0s"]}]"#,
+            )],
+        )
+        .unwrap();
+        assert_eq!(s.destinations[0].exchange, "subgate.events");
+        assert_eq!(s.destination_url(&s.destinations[0]), s.amqp.url);
+    }
+
+    #[test]
+    fn destination_errors_name_the_key() {
+        let cases = [
+            (WEBHOOK, vec![], "destinations[1].secret_env"),
+            (
+                "[[destinations]]\nname = \"a\"\nkind = \"webhook\"\nurl = \"ftp://x\"\n",
+                vec![],
+                "destinations[0].url",
+            ),
+            (
+                "[[destinations]]\nname = \"a\"\nkind = \"webhook\"\nurl = \"http://[x\"\n",
+                vec![],
+                "destinations[0].url",
+            ),
+            (
+                "[[destinations]]\nname = \"a\"\nkind = \"webhook\"\nurl = \"http://x\"\n",
+                vec![],
+                "destinations[0].secret",
+            ),
+            (
+                "[[destinations]]\nname = \"a b\"\nkind = \"amqp\"\n",
+                vec![],
+                "destinations[0].name",
+            ),
+            (
+                "[[destinations]]\nname = \"a\"\nkind = \"amqp\"\ncolour = 1\n",
+                vec![],
+                "colour",
+            ),
+            (
+                "[[destinations]]\nname = \"a\"\nkind = \"amqp\"\ntimeout = \"5m\"\n",
+                vec![],
+                "destinations[0].timeout",
+            ),
+        ];
+        for (file, env, key) in cases {
+            let err = load(Some(file), &env).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        }
+    }
+
+    #[test]
+    fn redacted_print_hides_destination_secrets_and_the_admin_token() {
+        let s = load(
+            Some(WEBHOOK),
+            &[
+                ("EMARSYS_SECRET", "em-s3cret"),
+                ("SUBGATE__ADMIN__TOKEN", "adm1n-t0ken"),
+            ],
+        )
+        .unwrap();
+        let printed = s.redacted_toml();
+        for secret in ["c2VjcmV0LW9uZQ", "em-s3cret", "adm1n-t0ken", ":pw@"] {
+            assert!(!printed.contains(secret), "{secret} printed:\n{printed}");
+        }
+        assert!(printed.contains("[[destinations]]"), "{printed}");
+        assert!(printed.contains("secret = \"***\""), "{printed}");
+        // The printed configuration loads back (apart from the redacted values).
+        assert!(printed.parse::<toml::Table>().is_ok());
     }
 
     #[test]

@@ -94,4 +94,11 @@ pub trait Change: Send + Sync + 'static {
     fn is_snapshot(&self) -> bool {
         false
     }
+
+    /// What this change tells the delivery destinations: the event's `data` and, when it is
+    /// about a person, a contact view (`docs/delivery.md`). Asked only after `apply` returned
+    /// [`Applied::Changed`], inside the same savepoint; `None` (the default) delivers nothing.
+    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
+        None
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! Sources hand envelopes to [`Ingest::enqueue`]; a dedicated writer thread takes them in
 //! arrival order, up to `ingest.batch_max` at a time (waiting at most `ingest.batch_wait_ms` for a
-//! batch to fill), and writes each batch in ONE transaction: inbox insert → dedupe → projection.
+//! batch to fill), and writes each batch in ONE transaction: inbox insert → dedupe → projection
+//! → one outbox row per destination whose filter matches a real change.
 //! Each caller learns its event's outcome only after that transaction has committed, which is
 //! when an AMQP delivery may be acked or an HTTP call answered.
 
@@ -18,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::{
     config::IngestSettings,
+    delivery::routes::OutboxRoutes,
     envelope::{Applied, ApplyContext, ApplyError, Envelope},
     store::{InboxEntry, InboxInsert, Store, StoreError, StoreTx},
 };
@@ -126,10 +128,20 @@ impl IngestWriter {
     }
 }
 
-/// Start the writer thread.
+/// Start the writer thread (no delivery destinations).
 pub fn start(
     store: Arc<dyn Store>,
     settings: &IngestSettings,
+    runtime: tokio::runtime::Handle,
+) -> (Ingest, IngestWriter) {
+    start_with_routes(store, settings, Arc::new(OutboxRoutes::default()), runtime)
+}
+
+/// Start the writer thread; real changes get outbox rows for the matching `routes`.
+pub fn start_with_routes(
+    store: Arc<dyn Store>,
+    settings: &IngestSettings,
+    routes: Arc<OutboxRoutes>,
     runtime: tokio::runtime::Handle,
 ) -> (Ingest, IngestWriter) {
     let (jobs, rx) = mpsc::channel(settings.queue_capacity);
@@ -137,13 +149,14 @@ pub fn start(
     let batch_wait = Duration::from_millis(settings.batch_wait_ms);
     let thread = std::thread::Builder::new()
         .name("subgate-ingest".into())
-        .spawn(move || run_writer(store, rx, batch_max, batch_wait, runtime))
+        .spawn(move || run_writer(store, routes, rx, batch_max, batch_wait, runtime))
         .unwrap_or_else(|e| panic!("cannot spawn the ingest writer thread: {e}"));
     (Ingest { jobs }, IngestWriter { thread })
 }
 
 fn run_writer(
     store: Arc<dyn Store>,
+    routes: Arc<OutboxRoutes>,
     mut rx: mpsc::Receiver<Job>,
     batch_max: usize,
     batch_wait: Duration,
@@ -170,7 +183,7 @@ fn run_writer(
                 }
             }
         }
-        commit_batch(store.as_ref(), &mut batch);
+        commit_batch(store.as_ref(), &routes, &mut batch);
     }
     tracing::debug!("ingest writer stopped");
 }
@@ -181,7 +194,7 @@ const CONFLICT_RETRIES: u64 = 5;
 /// Per-event result inside the transaction: `Err` rejects only that event.
 type EventResult = Result<IngestOutcome, String>;
 
-fn commit_batch(store: &dyn Store, batch: &mut Vec<Job>) {
+fn commit_batch(store: &dyn Store, routes: &OutboxRoutes, batch: &mut Vec<Job>) {
     let started = Instant::now();
     let mut results: Vec<EventResult> = Vec::with_capacity(batch.len());
     let mut attempt = 0;
@@ -190,7 +203,7 @@ fn commit_batch(store: &dyn Store, batch: &mut Vec<Job>) {
             store.write(&mut |tx| {
                 results.clear();
                 for job in batch.iter() {
-                    results.push(ingest_one(tx, &job.envelope, &job.meta_json)?);
+                    results.push(ingest_one(tx, routes, &job.envelope, &job.meta_json)?);
                 }
                 Ok(())
             })
@@ -250,11 +263,12 @@ fn commit_batch(store: &dyn Store, batch: &mut Vec<Job>) {
 /// aborts the batch (`Err`), anything else rejects this event only (`Ok(Err(reason))`).
 fn ingest_one(
     tx: &mut dyn StoreTx,
+    routes: &OutboxRoutes,
     env: &Envelope,
     meta_json: &str,
 ) -> Result<EventResult, StoreError> {
     tx.savepoint()?;
-    match record_event(tx, env, meta_json) {
+    match record_event(tx, routes, env, meta_json) {
         Ok(outcome) => {
             tx.release_savepoint()?;
             Ok(Ok(outcome))
@@ -269,6 +283,7 @@ fn ingest_one(
 
 fn record_event(
     tx: &mut dyn StoreTx,
+    routes: &OutboxRoutes,
     env: &Envelope,
     meta_json: &str,
 ) -> Result<IngestOutcome, ApplyError> {
@@ -286,6 +301,9 @@ fn record_event(
         InboxInsert::New(inbox_id) => {
             let applied = env.change.apply(tx, &context(env, inbox_id))?;
             tx.set_inbox_outcome(inbox_id, applied.as_str())?;
+            if applied == Applied::Changed {
+                routes.write_outbox(tx, env, inbox_id)?;
+            }
             Ok(IngestOutcome {
                 inbox_id,
                 status: applied.into(),
@@ -322,6 +340,7 @@ fn record_event(
             match applied {
                 Applied::Changed => {
                     tx.set_inbox_outcome(inbox_id, Applied::Changed.as_str())?;
+                    routes.write_outbox(tx, env, inbox_id)?;
                     tx.release_savepoint()?;
                     Ok(IngestOutcome {
                         inbox_id,

@@ -1,6 +1,6 @@
-//! Startup wiring, in one place: store → migrations → ingest writer → sources → HTTP (and HTTPS).
-//! [`Application::build`] binds the listeners first, so tests can ask for port 0 and read the
-//! real ports back before running.
+//! Startup wiring, in one place: store → migrations → ingest writer → sources → HTTP (and
+//! HTTPS) → delivery workers. [`Application::build`] binds the listeners first, so tests can ask
+//! for port 0 and read the real ports back before running.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     config::Settings,
+    delivery::{self, routes::OutboxRoutes},
     health::Health,
     http::{self, tls::TlsListener, AppState},
     ingest::{self, Ingest, IngestWriter},
@@ -29,6 +30,9 @@ pub struct Application {
     /// The HTTPS listener and its rustls configuration, when `listener.tls.enabled`.
     tls: Option<(TcpListener, Arc<ServerConfig>)>,
     state: AppState,
+    /// One worker per destination (started by `run_until_stopped`); stopped by the shutdown
+    /// token, each releases its leases.
+    delivery: Vec<delivery::Worker>,
     /// The queues to consume; the consumer owns one connection for all of them.
     queues: Vec<QueueSpec>,
     /// The group-commit writer; joined last, after every ingest handle is dropped.
@@ -109,9 +113,13 @@ impl Application {
         } else {
             None
         };
-        let (ingest, writer) = ingest::start(
+        // The recorder first: workers register their metric handles when they are built.
+        let metrics = telemetry::metrics_handle();
+        let delivery = delivery::workers(&settings, &store)?;
+        let (ingest, writer) = ingest::start_with_routes(
             store.clone(),
             &settings.ingest,
+            Arc::new(OutboxRoutes::from_settings(&settings)),
             tokio::runtime::Handle::current(),
         );
         let health = Health::default();
@@ -124,7 +132,7 @@ impl Application {
             store,
             ingest,
             health,
-            metrics: telemetry::metrics_handle(),
+            metrics,
             normaliser: crate::consent::Normaliser::new(&settings.consent.default_region)
                 .map_err(|m| anyhow::anyhow!("consent.default_region: {m}"))?,
             listener: Arc::new(http::listener::Access::new(&settings.listener)),
@@ -134,6 +142,7 @@ impl Application {
             listener,
             tls,
             state,
+            delivery,
             queues,
             writer,
         })
@@ -164,6 +173,7 @@ impl Application {
             listener,
             tls,
             state,
+            delivery,
             queues,
             writer,
         } = self;
@@ -206,6 +216,9 @@ impl Application {
             }
             None => None,
         };
+        // Delivery reads the outbox on its own schedule: nothing in the ingest path waits for it.
+        let delivery = delivery::spawn(delivery, &settings, &state.store, &shutdown);
+
         let app = http::router(state);
         let server_stop = shutdown.clone();
         let server = tokio::spawn(async move {
@@ -227,6 +240,9 @@ impl Application {
                 }
             }
             let _ = upkeep.await;
+            for worker in delivery {
+                let _ = worker.await;
+            }
             // Every ingest handle is gone now; the writer commits what is queued and stops.
             tokio::task::spawn_blocking(move || writer.join())
                 .await

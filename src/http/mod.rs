@@ -4,6 +4,7 @@
 pub mod akinon;
 pub mod auth;
 mod consents;
+mod deliveries;
 mod error;
 pub mod listener;
 mod loymax;
@@ -70,6 +71,7 @@ fn surface_router(state: AppState, surface: Surface) -> Router {
         .merge(consents::routes())
         .merge(loymax::routes())
         .merge(listener::routes(&state.settings.listener, surface))
+        .merge(deliveries::routes())
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
 }

@@ -7,6 +7,7 @@ use sha2::{Digest, Sha256};
 
 use super::amqp::{AmqpMessage, Decoder, Rejection};
 use crate::{
+    delivery::event::{ContactView, Outbound},
     envelope::{Applied, ApplyContext, ApplyError, Change, Envelope},
     projection::apply_snapshot,
     store::StoreTx,
@@ -424,6 +425,52 @@ impl Change for ErpSnapshot {
     fn is_snapshot(&self) -> bool {
         self.reapply
     }
+
+    /// The new snapshot as the event's data; customers also carry a contact view.
+    fn outbound(&self) -> Option<Outbound> {
+        let contact = match self.feed {
+            Feed::Customer => Some(customer_contact(&self.doc)),
+            Feed::Subscription => None,
+        };
+        Some(Outbound {
+            data: self.doc.clone(),
+            contact,
+        })
+    }
+}
+
+/// The contact view of an ERP customer: `name` split at its last space (given names, family
+/// name), the first `phoneNumber` and `emailAddress` (or `email`) among the contact media. The
+/// ERP says nothing about consent, birth date or gender.
+fn customer_contact(doc: &Value) -> ContactView {
+    let name = doc["name"]
+        .as_str()
+        .map(str::trim)
+        .filter(|n| !n.is_empty());
+    let (first_name, last_name) = match name.map(|n| n.rsplit_once(char::is_whitespace)) {
+        Some(Some((first, last))) => (Some(first.trim().to_owned()), Some(last.to_owned())),
+        Some(None) => (name.map(str::to_owned), None),
+        None => (None, None),
+    };
+    let media: Vec<&Value> = doc["contact_medium"]
+        .as_array()
+        .map(|m| m.iter().map(|e| &e["characteristic"]).collect())
+        .unwrap_or_default();
+    let first_of = |keys: &[&str]| {
+        media.iter().find_map(|c| {
+            keys.iter()
+                .find_map(|k| c.get(*k).and_then(scalar_text))
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+        })
+    };
+    ContactView {
+        email: first_of(&["emailAddress", "email"]),
+        phone: first_of(&["phoneNumber"]),
+        first_name,
+        last_name,
+        ..ContactView::default()
+    }
 }
 
 #[cfg(test)]
@@ -491,6 +538,24 @@ mod tests {
             assert_eq!(serde_json::to_string(&got).unwrap(), typed, "{ty} {raw}");
             assert_eq!(got_flag, flag, "{ty} {raw}");
         }
+    }
+
+    #[test]
+    fn customer_contact_view_splits_the_name_and_finds_phone_and_email() {
+        let (_, doc) =
+            decode_customer(obj(r#"{"id":"1","name":"Ayşe Nur Yılmaz","contactMedium":[
+                {"characteristic":{"city":"İSTANBUL"}},
+                {"characteristic":{"phoneNumber":5351234567,"emailAddress":" a@example.com "}}]}"#))
+            .unwrap();
+        let c = customer_contact(&doc);
+        assert_eq!(c.first_name.as_deref(), Some("Ayşe Nur"));
+        assert_eq!(c.last_name.as_deref(), Some("Yılmaz"));
+        assert_eq!(c.phone.as_deref(), Some("5351234567"));
+        assert_eq!(c.email.as_deref(), Some("a@example.com"));
+        let (_, bare) = decode_customer(obj(r#"{"id":"2","name":"Cher"}"#)).unwrap();
+        let c = customer_contact(&bare);
+        assert_eq!((c.first_name.as_deref(), c.last_name), (Some("Cher"), None));
+        assert_eq!(c.email, None);
     }
 
     #[test]

@@ -7,7 +7,10 @@
 //!   hash (change detection), the time it describes (`occurred_at`, staleness guard) and the inbox
 //!   event that last changed it;
 //! - `links`: relations between entities (a subscription's engaged parties, a card's member);
-//! - `history`: append-only timelines (consent changes, service-order notifications, …).
+//! - `history`: append-only timelines (consent changes, service-order notifications, …);
+//! - `outbox`: one row per real change and matching destination, written in the ingest
+//!   transaction and claimed by the delivery workers with a lease (see [`crate::delivery`]);
+//!   `delivery_attempts` and `delivery_replays` record what happened to them.
 
 pub mod postgres;
 pub mod sqlite;
@@ -171,6 +174,8 @@ pub trait StoreTx {
     fn savepoint(&mut self) -> Result<(), StoreError>;
     fn release_savepoint(&mut self) -> Result<(), StoreError>;
     fn rollback_to_savepoint(&mut self) -> Result<(), StoreError>;
+    /// Queue one delivery (the ingest pipeline, after a real change); returns the row id.
+    fn insert_outbox(&mut self, row: &NewOutboxRow<'_>) -> Result<i64, StoreError>;
 }
 
 /// Counts of what the store holds (ops and tests).
@@ -207,6 +212,242 @@ pub trait Store: Send + Sync + 'static {
     fn inbox_stats(&self, source: Option<&str>) -> Result<InboxStats, StoreError>;
     /// Cheap liveness check for `/readyz`.
     fn ping(&self) -> Result<(), StoreError>;
+
+    // The outbox (delivery). Defaults answer "not supported" so wrappers and test doubles need
+    // not implement them; every backend does.
+
+    /// In one short transaction, lease up to `limit` due rows of one destination: pending,
+    /// `next_attempt_at <= now`, not leased (or the lease expired), and with no earlier pending
+    /// row of the same ordering key (commit order per destination and entity). With `coalesce`,
+    /// a claimed snapshot row with later pending snapshot rows of the same key is marked
+    /// `superseded` and the latest is claimed in its place (carrying its attempt count).
+    fn claim_deliveries(&self, _claim: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
+        Err(no_outbox())
+    }
+    /// Record attempts and move their rows on (delivered, rescheduled or dead), releasing the
+    /// lease; rows whose lease `owner` no longer holds are left alone (the attempt is kept).
+    fn record_attempts(
+        &self,
+        _destination: &str,
+        _owner: &str,
+        _attempts: &[AttemptRecord],
+    ) -> Result<(), StoreError> {
+        Err(no_outbox())
+    }
+    /// [`Store::record_attempts`] then [`Store::claim_deliveries`], in one transaction where the
+    /// backend can (the worker's steady state: one commit per batch).
+    fn record_then_claim(
+        &self,
+        attempts: &[AttemptRecord],
+        claim: &ClaimRequest,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        self.record_attempts(&claim.destination, &claim.owner, attempts)?;
+        self.claim_deliveries(claim)
+    }
+    /// Release every lease `owner` holds (graceful shutdown); returns how many.
+    fn release_leases(&self, _owner: &str) -> Result<usize, StoreError> {
+        Err(no_outbox())
+    }
+    /// Rows matching the filter, oldest first.
+    fn list_deliveries(&self, _filter: &DeliveryFilter) -> Result<Vec<OutboxRow>, StoreError> {
+        Err(no_outbox())
+    }
+    fn delivery(&self, _id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        Err(no_outbox())
+    }
+    /// The attempts of one row, oldest first.
+    fn delivery_attempts(&self, _outbox_id: i64) -> Result<Vec<AttemptRow>, StoreError> {
+        Err(no_outbox())
+    }
+    /// Make matching dead rows pending again (attempts reset, due now) and record the replay.
+    fn replay_dead(&self, _replay: &ReplayRequest) -> Result<ReplayOutcome, StoreError> {
+        Err(no_outbox())
+    }
+    /// One destination's pending depth, oldest pending row and dead count (metrics).
+    fn delivery_stats(&self, _destination: &str) -> Result<DestinationStats, StoreError> {
+        Err(no_outbox())
+    }
+}
+
+fn no_outbox() -> StoreError {
+    StoreError::Failed("this store does not implement the delivery outbox".into())
+}
+
+/// Where an outbox row stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeliveryState {
+    /// Waiting for its first attempt or a retry (or leased by a worker right now).
+    Pending,
+    /// A 2xx (or a broker confirm) came back.
+    Delivered,
+    /// A permanent error, or the retry schedule ran out; kept for `replay`.
+    Dead,
+    /// A later snapshot of the same entity was sent in its place (Emarsys contacts).
+    Superseded,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryState::Pending => "pending",
+            DeliveryState::Delivered => "delivered",
+            DeliveryState::Dead => "dead",
+            DeliveryState::Superseded => "superseded",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "pending" => Some(DeliveryState::Pending),
+            "delivered" => Some(DeliveryState::Delivered),
+            "dead" => Some(DeliveryState::Dead),
+            "superseded" => Some(DeliveryState::Superseded),
+            _ => None,
+        }
+    }
+}
+
+/// A delivery as the ingest pipeline queues it.
+#[derive(Debug, Clone)]
+pub struct NewOutboxRow<'a> {
+    pub destination: &'a str,
+    pub source: &'a str,
+    pub kind: &'a str,
+    /// Ordering key: `source:entity`.
+    pub entity: &'a str,
+    pub inbox_id: i64,
+    /// The canonical event JSON.
+    pub payload: &'a str,
+    /// A snapshot that a later pending row of the same key may replace.
+    pub coalesce: bool,
+    /// The destination's retry schedule, comma-separated milliseconds.
+    pub schedule: &'a str,
+    pub created_at: i64,
+}
+
+/// A stored outbox row.
+#[derive(Debug, Clone, Serialize)]
+pub struct OutboxRow {
+    pub id: i64,
+    pub destination: String,
+    pub source: String,
+    pub kind: String,
+    pub entity: String,
+    pub inbox_id: i64,
+    #[serde(skip)]
+    pub payload: String,
+    pub coalesce: bool,
+    pub schedule: String,
+    pub created_at: i64,
+    pub state: DeliveryState,
+    pub attempts: i64,
+    pub next_attempt_at: i64,
+    pub locked_until: Option<i64>,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_response: Option<String>,
+    pub finished_at: Option<i64>,
+    pub superseded_by: Option<i64>,
+    pub replays: i64,
+}
+
+/// What a worker asks for when it claims.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    pub destination: String,
+    /// Who holds the lease (one id per worker).
+    pub owner: String,
+    pub now: i64,
+    pub lease_until: i64,
+    pub limit: usize,
+    pub coalesce: bool,
+}
+
+/// One attempt's result, as the worker decided it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptResult {
+    Delivered,
+    Retry { next_attempt_at: i64 },
+    Dead,
+}
+
+impl AttemptResult {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptResult::Delivered => "delivered",
+            AttemptResult::Retry { .. } => "retry",
+            AttemptResult::Dead => "dead",
+        }
+    }
+}
+
+/// One attempt to record.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    pub outbox_id: i64,
+    /// 1 for the first attempt.
+    pub attempt: i64,
+    pub started_at: i64,
+    pub latency_ms: i64,
+    pub result: AttemptResult,
+    /// The HTTP status, when a response came back.
+    pub status: Option<u16>,
+    pub error: Option<String>,
+    /// The start of the response body (kept for non-2xx answers).
+    pub response: Option<String>,
+}
+
+/// A stored attempt.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct AttemptRow {
+    pub attempt: i64,
+    pub started_at: i64,
+    pub latency_ms: i64,
+    pub outcome: String,
+    pub status: Option<i64>,
+    pub error: Option<String>,
+    pub response: Option<String>,
+    pub next_attempt_at: Option<i64>,
+}
+
+/// Which rows `list_deliveries` returns.
+#[derive(Debug, Clone, Default)]
+pub struct DeliveryFilter {
+    pub state: Option<DeliveryState>,
+    pub destination: Option<String>,
+    /// Rows created at or after (Unix ms).
+    pub since: Option<i64>,
+    /// Rows with a larger id (paging).
+    pub after_id: Option<i64>,
+    pub limit: usize,
+}
+
+/// Which dead rows a replay revives, and who asked.
+#[derive(Debug, Clone)]
+pub struct ReplayRequest {
+    pub destination: Option<String>,
+    /// Dead rows created at or after (Unix ms).
+    pub since: Option<i64>,
+    /// `cli` or `api` (recorded with the replay).
+    pub actor: String,
+    pub now: i64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    /// The `delivery_replays` row.
+    pub replay_id: i64,
+    pub rows: i64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct DestinationStats {
+    pub destination: String,
+    pub pending: i64,
+    /// Creation time (Unix ms) of the oldest pending row.
+    pub oldest_pending_at: Option<i64>,
+    pub dead: i64,
 }
 
 /// Open the backend `store.url` names.

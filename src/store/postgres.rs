@@ -17,8 +17,8 @@ use postgres::{error::SqlState, types::ToSql, Client, NoTls, Row, Statement};
 use serde_json::Value;
 
 use super::{
-    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, Record, RecordHead, RecordRow,
-    Store, StoreError, StoreTx,
+    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, NewOutboxRow, Record,
+    RecordHead, RecordRow, Store, StoreError, StoreTx,
 };
 
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_core.sql")];
@@ -326,6 +326,13 @@ impl StoreTx for Tx<'_> {
             &[&h.kind, &h.key, &h.at, &h.inbox_id, &doc],
         )?;
         Ok(())
+    }
+
+    fn insert_outbox(&mut self, _row: &NewOutboxRow<'_>) -> Result<i64, StoreError> {
+        Err(StoreError::Failed(
+            "the PostgreSQL backend has no delivery outbox yet: remove [[destinations]] or use SQLite"
+                .into(),
+        ))
     }
 
     // Savepoint commands use the simple-query protocol: after a failed statement the transaction

@@ -9,13 +9,18 @@ use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
 use super::{
-    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, Record, RecordHead, RecordRow,
-    Store, StoreError, StoreTx,
+    AttemptRecord, AttemptResult, AttemptRow, ClaimRequest, DeliveryFilter, DeliveryState,
+    DestinationStats, HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, NewOutboxRow,
+    OutboxRow, Record, RecordHead, RecordRow, ReplayOutcome, ReplayRequest, Store, StoreError,
+    StoreTx,
 };
 use crate::config::SqliteSynchronous;
 
 /// Migrations, applied in order; the version is the position (1-based).
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/sqlite/0001_core.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/sqlite/0001_core.sql"),
+    include_str!("../../migrations/sqlite/0002_outbox.sql"),
+];
 
 const READERS_KEPT: usize = 4;
 
@@ -199,6 +204,9 @@ const RECORD_COLUMNS: &str =
 /// The ingest transaction on the writer connection.
 struct Tx<'c> {
     conn: &'c Connection,
+    /// The last outbox payload written and its id: the rows of one event for several
+    /// destinations share it.
+    last_payload: Option<(String, i64)>,
 }
 
 impl StoreTx for Tx<'_> {
@@ -335,6 +343,242 @@ impl StoreTx for Tx<'_> {
             .execute_batch("ROLLBACK TO event; RELEASE event")?;
         Ok(())
     }
+
+    fn insert_outbox(&mut self, r: &NewOutboxRow<'_>) -> Result<i64, StoreError> {
+        let payload_id = match &self.last_payload {
+            Some((text, id)) if text == r.payload => *id,
+            _ => {
+                self.conn
+                    .prepare_cached("INSERT INTO outbox_payloads (payload) VALUES (?1)")?
+                    .execute([r.payload])?;
+                let id = self.conn.last_insert_rowid();
+                self.last_payload = Some((r.payload.to_owned(), id));
+                id
+            }
+        };
+        self.conn
+            .prepare_cached(
+                "INSERT INTO outbox (destination, source, kind, entity, inbox_id, payload_id,
+                                     coalesce, schedule, created_at, next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+            )?
+            .execute(params![
+                r.destination,
+                r.source,
+                r.kind,
+                r.entity,
+                r.inbox_id,
+                payload_id,
+                r.coalesce,
+                r.schedule,
+                r.created_at
+            ])?;
+        Ok(self.conn.last_insert_rowid())
+    }
+}
+
+const OUTBOX_COLUMNS: &str = "id, destination, source, kind, entity, inbox_id,
+    (SELECT p.payload FROM outbox_payloads p WHERE p.id = payload_id), coalesce,
+    schedule, created_at, state, attempts, next_attempt_at, locked_until, last_status, last_error,
+    last_response, finished_at, superseded_by, replays";
+
+fn read_outbox(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
+    let state: String = row.get(10)?;
+    Ok(OutboxRow {
+        id: row.get(0)?,
+        destination: row.get(1)?,
+        source: row.get(2)?,
+        kind: row.get(3)?,
+        entity: row.get(4)?,
+        inbox_id: row.get(5)?,
+        payload: row.get(6)?,
+        coalesce: row.get(7)?,
+        schedule: row.get(8)?,
+        created_at: row.get(9)?,
+        state: DeliveryState::parse(&state).unwrap_or(DeliveryState::Pending),
+        attempts: row.get(11)?,
+        next_attempt_at: row.get(12)?,
+        locked_until: row.get(13)?,
+        last_status: row.get(14)?,
+        last_error: row.get(15)?,
+        last_response: row.get(16)?,
+        finished_at: row.get(17)?,
+        superseded_by: row.get(18)?,
+        replays: row.get(19)?,
+    })
+}
+
+/// Run `f` in one delivery-bookkeeping transaction without waiting for the disk: in WAL mode
+/// with `synchronous = NORMAL` the commit is durable once the next fsync happens (the next
+/// ingest commit, or a checkpoint). Losing such a commit to a power cut only means a claim is
+/// forgotten (the row is claimed again) or a delivery is sent again: at least once holds. The
+/// outbox rows themselves are written by ingest, with the configured durability.
+fn in_bookkeeping_tx<T>(
+    conn: &Connection,
+    synchronous: SqliteSynchronous,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    if synchronous == SqliteSynchronous::Normal {
+        return in_write_tx(conn, f);
+    }
+    conn.execute_batch("PRAGMA synchronous = NORMAL")?;
+    let result = in_write_tx(conn, f);
+    let restored = conn.execute_batch("PRAGMA synchronous = FULL");
+    let value = result?;
+    restored?;
+    Ok(value)
+}
+
+/// Run `f` in one write transaction on the writer connection (`BEGIN IMMEDIATE`).
+fn in_write_tx<T>(
+    conn: &Connection,
+    f: impl FnOnce(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    match f(conn) {
+        Ok(v) => match conn.execute_batch("COMMIT") {
+            Ok(()) => Ok(v),
+            Err(e) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                Err(StoreError::Unavailable(format!("commit failed: {e}")))
+            }
+        },
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn claim_deliveries(conn: &Connection, c: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
+    // Heads only: a row with an earlier pending row of the same key waits for it. One
+    // statement finds and leases them.
+    let mut heads = conn
+        .prepare_cached(&format!(
+            "UPDATE outbox SET locked_until = ?4, lease_owner = ?5
+             WHERE id IN (
+               SELECT id FROM outbox o
+               WHERE destination = ?1 AND state = 'pending' AND next_attempt_at <= ?2
+                 AND (locked_until IS NULL OR locked_until <= ?2)
+                 AND NOT EXISTS (SELECT 1 FROM outbox p
+                                 WHERE p.destination = o.destination AND p.entity = o.entity
+                                   AND p.state = 'pending' AND p.id < o.id)
+               ORDER BY next_attempt_at, id LIMIT ?3)
+             RETURNING {OUTBOX_COLUMNS}"
+        ))?
+        .query_map(
+            params![c.destination, c.now, c.limit as i64, c.lease_until, c.owner],
+            read_outbox,
+        )?
+        .collect::<Result<Vec<_>, _>>()?;
+    // RETURNING has no order: oldest due first, as selected.
+    heads.sort_by_key(|r| (r.next_attempt_at, r.id));
+    if c.coalesce {
+        for head in heads.iter_mut() {
+            if head.coalesce {
+                coalesce_into_latest(conn, c, head)?;
+            }
+        }
+    }
+    Ok(heads)
+}
+
+/// Replace `head` by the latest of the run of pending snapshot rows of its key that follows it;
+/// the rows in between are marked superseded.
+fn coalesce_into_latest(
+    conn: &Connection,
+    c: &ClaimRequest,
+    head: &mut OutboxRow,
+) -> Result<(), StoreError> {
+    let later: Vec<(i64, bool)> = conn
+        .prepare_cached(
+            "SELECT id, coalesce FROM outbox
+             WHERE destination = ?1 AND entity = ?2 AND state = 'pending' AND id > ?3
+             ORDER BY id",
+        )?
+        .query_map(params![c.destination, head.entity, head.id], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<Result<_, _>>()?;
+    let Some(latest) = later
+        .iter()
+        .take_while(|(_, snapshot)| *snapshot)
+        .last()
+        .map(|(id, _)| *id)
+    else {
+        return Ok(());
+    };
+    conn.prepare_cached(
+        "UPDATE outbox SET state = 'superseded', superseded_by = ?4, finished_at = ?5,
+                locked_until = NULL, lease_owner = NULL
+         WHERE destination = ?1 AND entity = ?2 AND state = 'pending' AND id >= ?3 AND id < ?4",
+    )?
+    .execute(params![c.destination, head.entity, head.id, latest, c.now])?;
+    conn.prepare_cached(
+        "UPDATE outbox SET attempts = ?2, locked_until = ?3, lease_owner = ?4 WHERE id = ?1",
+    )?
+    .execute(params![latest, head.attempts, c.lease_until, c.owner])?;
+    let replacement = conn
+        .prepare_cached(&format!(
+            "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ?1"
+        ))?
+        .query_row([latest], read_outbox)?;
+    *head = replacement;
+    Ok(())
+}
+
+fn record_attempts(
+    conn: &Connection,
+    destination: &str,
+    owner: &str,
+    attempts: &[AttemptRecord],
+) -> Result<(), StoreError> {
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO delivery_attempts (outbox_id, destination, attempt, started_at, latency_ms,
+                                        outcome, status, error, response, next_attempt_at)
+         VALUES (?1, ?10, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?;
+    let mut update = conn.prepare_cached(
+        "UPDATE outbox SET state = ?2, attempts = ?3, next_attempt_at = COALESCE(?4, next_attempt_at),
+                locked_until = NULL, lease_owner = NULL, last_status = ?5, last_error = ?6,
+                last_response = ?7, finished_at = ?8
+         WHERE id = ?1 AND state = 'pending' AND lease_owner = ?9",
+    )?;
+    for a in attempts {
+        let next = match a.result {
+            AttemptResult::Retry { next_attempt_at } => Some(next_attempt_at),
+            _ => None,
+        };
+        let (state, finished) = match a.result {
+            AttemptResult::Delivered => ("delivered", Some(a.started_at + a.latency_ms)),
+            AttemptResult::Dead => ("dead", Some(a.started_at + a.latency_ms)),
+            AttemptResult::Retry { .. } => ("pending", None),
+        };
+        insert.execute(params![
+            a.outbox_id,
+            a.attempt,
+            a.started_at,
+            a.latency_ms,
+            a.result.as_str(),
+            a.status,
+            a.error,
+            a.response,
+            next,
+            destination
+        ])?;
+        update.execute(params![
+            a.outbox_id,
+            state,
+            a.attempt,
+            next,
+            a.status,
+            a.error,
+            a.response,
+            finished,
+            owner
+        ])?;
+    }
+    Ok(())
 }
 
 fn get_record(conn: &Connection, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {
@@ -393,7 +637,10 @@ impl Store for SqliteStore {
     ) -> Result<(), StoreError> {
         let conn = self.lock_writer();
         conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = f(&mut Tx { conn: &conn });
+        let result = f(&mut Tx {
+            conn: &conn,
+            last_payload: None,
+        });
         match result {
             Ok(()) => match conn.execute_batch("COMMIT") {
                 Ok(()) => Ok(()),
@@ -509,6 +756,151 @@ impl Store for SqliteStore {
         self.with_reader(|c| {
             c.query_row("SELECT 1", [], |r| r.get::<_, i64>(0))?;
             Ok(())
+        })
+    }
+
+    fn claim_deliveries(&self, claim: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
+        let conn = self.lock_writer();
+        in_bookkeeping_tx(&conn, self.synchronous, |c| claim_deliveries(c, claim))
+    }
+
+    fn record_attempts(
+        &self,
+        destination: &str,
+        owner: &str,
+        attempts: &[AttemptRecord],
+    ) -> Result<(), StoreError> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        let conn = self.lock_writer();
+        in_bookkeeping_tx(&conn, self.synchronous, |c| {
+            record_attempts(c, destination, owner, attempts)
+        })
+    }
+
+    fn record_then_claim(
+        &self,
+        attempts: &[AttemptRecord],
+        claim: &ClaimRequest,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let conn = self.lock_writer();
+        in_bookkeeping_tx(&conn, self.synchronous, |c| {
+            record_attempts(c, &claim.destination, &claim.owner, attempts)?;
+            claim_deliveries(c, claim)
+        })
+    }
+
+    fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
+        let conn = self.lock_writer();
+        in_write_tx(&conn, |c| {
+            Ok(c.prepare_cached(
+                "UPDATE outbox SET locked_until = NULL, lease_owner = NULL
+                 WHERE lease_owner = ?1 AND state = 'pending'",
+            )?
+            .execute([owner])?)
+        })
+    }
+
+    fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<OutboxRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox
+                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR destination = ?2)
+                   AND (?3 IS NULL OR created_at >= ?3) AND id > COALESCE(?4, 0)
+                 ORDER BY id LIMIT ?5"
+            ))?;
+            let rows = stmt.query_map(
+                params![
+                    f.state.map(DeliveryState::as_str),
+                    f.destination,
+                    f.since,
+                    f.after_id,
+                    f.limit as i64
+                ],
+                read_outbox,
+            )?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn delivery(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        self.with_reader(|c| {
+            Ok(c.prepare_cached(&format!(
+                "SELECT {OUTBOX_COLUMNS} FROM outbox WHERE id = ?1"
+            ))?
+            .query_row([id], read_outbox)
+            .optional()?)
+        })
+    }
+
+    fn delivery_attempts(&self, outbox_id: i64) -> Result<Vec<AttemptRow>, StoreError> {
+        self.with_reader(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT attempt, started_at, latency_ms, outcome, status, error, response,
+                        next_attempt_at
+                 FROM delivery_attempts WHERE outbox_id = ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map([outbox_id], |r| {
+                Ok(AttemptRow {
+                    attempt: r.get(0)?,
+                    started_at: r.get(1)?,
+                    latency_ms: r.get(2)?,
+                    outcome: r.get(3)?,
+                    status: r.get(4)?,
+                    error: r.get(5)?,
+                    response: r.get(6)?,
+                    next_attempt_at: r.get(7)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+    }
+
+    fn replay_dead(&self, r: &ReplayRequest) -> Result<ReplayOutcome, StoreError> {
+        let conn = self.lock_writer();
+        in_write_tx(&conn, |c| {
+            let rows = c
+                .prepare_cached(
+                    "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?3,
+                            locked_until = NULL, lease_owner = NULL, finished_at = NULL,
+                            replays = replays + 1
+                     WHERE state = 'dead' AND (?1 IS NULL OR destination = ?1)
+                       AND (?2 IS NULL OR created_at >= ?2)",
+                )?
+                .execute(params![r.destination, r.since, r.now])?;
+            c.prepare_cached(
+                "INSERT INTO delivery_replays (at, actor, destination, since, rows)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![r.now, r.actor, r.destination, r.since, rows as i64])?;
+            Ok(ReplayOutcome {
+                replay_id: c.last_insert_rowid(),
+                rows: rows as i64,
+            })
+        })
+    }
+
+    fn delivery_stats(&self, destination: &str) -> Result<DestinationStats, StoreError> {
+        self.with_reader(|c| {
+            // Literal states, so the partial indexes apply.
+            let (pending, oldest_pending_at) = c
+                .prepare_cached(
+                    "SELECT COUNT(*), MIN(created_at) FROM outbox
+                     WHERE destination = ?1 AND state = 'pending'",
+                )?
+                .query_row([destination], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            let dead = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM outbox WHERE destination = ?1 AND state = 'dead'",
+                )?
+                .query_row([destination], |r| r.get(0))?;
+            Ok(DestinationStats {
+                destination: destination.to_owned(),
+                pending,
+                oldest_pending_at,
+                dead,
+            })
         })
     }
 }

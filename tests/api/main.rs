@@ -4,6 +4,7 @@
 mod akinon;
 mod cli;
 mod consents;
+mod delivery;
 pub mod erp;
 // Shared harness: not every test module uses every helper.
 #[allow(dead_code)]

@@ -162,6 +162,8 @@ impl Subgate {
     }
 
     pub async fn wait_ready(&self) {
+        // reqwest's rustls needs the process-wide provider (no app is built in this process).
+        subgate::http::tls::install_crypto_provider();
         let client = reqwest::Client::new();
         let url = format!("{}/readyz", self.base);
         eventually(30, "subgate process ready", || async {
