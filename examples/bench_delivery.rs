@@ -192,7 +192,7 @@ async fn through_outbox(settings: &Settings, store: Arc<dyn Store>, bodies: &[St
 
 #[tokio::main]
 async fn main() {
-    subgate::delivery::install_crypto_provider();
+    subgate::http::tls::install_crypto_provider();
     let o = options();
     let addr = start_receiver();
     let url = format!("http://{addr}/hooks");

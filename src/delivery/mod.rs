@@ -27,16 +27,6 @@ use tokio_util::sync::CancellationToken;
 pub use self::worker::{StepReport, Worker};
 use crate::{config::Settings, rate_limit::RateLimiter, store::Store};
 
-/// Install aws-lc-rs as the process-wide rustls provider (one provider for every crate). Call it
-/// first thing in `main`; later calls, or a provider installed by an embedding program, are
-/// left alone. The delivery clients name the provider explicitly anyway.
-pub fn install_crypto_provider() {
-    use tokio_rustls::rustls::crypto::{aws_lc_rs, CryptoProvider};
-    if CryptoProvider::get_default().is_none() {
-        let _ = aws_lc_rs::default_provider().install_default();
-    }
-}
-
 /// An HTTP client for one destination: its own connection pool, rustls with aws-lc-rs and the
 /// Mozilla roots, the destination's timeout, no redirects (a 3xx is an answer, not a detour).
 pub fn http_client(timeout: Duration) -> anyhow::Result<reqwest::Client> {

@@ -8,17 +8,14 @@
 use axum::{
     body::Bytes,
     extract::{Path, Query, State},
-    http::{header, HeaderMap, StatusCode},
+    http::{HeaderMap, StatusCode},
     response::{Html, IntoResponse, Response},
     routing::get,
     Json, Router,
 };
 use serde_json::{json, Value};
 
-use super::{
-    auth::{constant_time_eq, parse_authorization, Presented},
-    blocking, ApiError, AppState,
-};
+use super::{blocking, ApiError, AppState};
 use crate::{
     clock::to_rfc3339,
     consent::{Channel, ConsentState, CONSENT, CONSENT_CHANGE},
@@ -49,35 +46,13 @@ async fn submit(
     })
 }
 
-fn require_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let token = state.settings.admin.token.expose();
-    if token.is_empty() {
-        return Err(ApiError::Unauthorized(
-            "the admin API is disabled (admin.token is not set)".into(),
-        ));
-    }
-    let value = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match parse_authorization(value) {
-        Ok(Presented::Bearer(presented))
-            if constant_time_eq(presented.as_bytes(), token.as_bytes()) =>
-        {
-            Ok(())
-        }
-        _ => Err(ApiError::Unauthorized(
-            "a valid admin Bearer token is required".into(),
-        )),
-    }
-}
-
 /// `{channel, address, state: "opted_in"|"opted_out", source, occurredAt}`.
 async fn report_consent(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    require_admin(&state, &headers)?;
+    super::admin::require_admin(&state, &headers)?;
     let report = parse_report(&state, &body).map_err(ApiError::BadRequest)?;
     let key = report.address.key();
     let outcome = submit(&state, report.into_admin_envelope(body.to_vec())).await?;

@@ -1,21 +1,17 @@
 //! The admin API over the outbox: `/api/v1/deliveries` (list, one row with its attempts,
 //! replay of dead rows). Authenticated with `Authorization: Bearer <admin.token>`; an empty
-//! `admin.token` disables it (403).
+//! `admin.token` disables it (403); see [`super::admin`].
 
 use axum::{
     extract::{Path, Query, State},
-    http::{HeaderMap, StatusCode},
-    response::{IntoResponse, Response},
+    http::HeaderMap,
     routing::{get, post},
     Json, Router,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{
-    auth::{constant_time_eq, parse_authorization, Presented},
-    blocking, ApiError, AppState,
-};
+use super::{blocking, ApiError, AppState};
 use crate::{
     delivery::{parse_since, row_json},
     store::{DeliveryFilter, DeliveryState, ReplayRequest},
@@ -26,65 +22,6 @@ pub fn routes() -> Router<AppState> {
         .route("/api/v1/deliveries", get(list))
         .route("/api/v1/deliveries/replay", post(replay))
         .route("/api/v1/deliveries/{id}", get(one))
-}
-
-/// The admin API's errors: the API's own, or a refused credential.
-#[derive(Debug)]
-enum AdminError {
-    Api(ApiError),
-    Refused {
-        status: StatusCode,
-        code: &'static str,
-        message: &'static str,
-    },
-}
-
-impl From<ApiError> for AdminError {
-    fn from(e: ApiError) -> Self {
-        AdminError::Api(e)
-    }
-}
-
-impl IntoResponse for AdminError {
-    fn into_response(self) -> Response {
-        match self {
-            AdminError::Api(e) => e.into_response(),
-            AdminError::Refused {
-                status,
-                code,
-                message,
-            } => (
-                status,
-                Json(json!({ "error": { "code": code, "message": message } })),
-            )
-                .into_response(),
-        }
-    }
-}
-
-/// The admin check: `Authorization: Bearer <admin.token>`, compared in constant time.
-fn authorize(state: &AppState, headers: &HeaderMap) -> Result<(), AdminError> {
-    let expected = state.settings.admin.token.expose();
-    if expected.is_empty() {
-        return Err(AdminError::Refused {
-            status: StatusCode::FORBIDDEN,
-            code: "forbidden",
-            message: "the admin API is disabled: set admin.token",
-        });
-    }
-    let presented = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok());
-    match parse_authorization(presented) {
-        Ok(Presented::Bearer(token)) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => {
-            Ok(())
-        }
-        _ => Err(AdminError::Refused {
-            status: StatusCode::UNAUTHORIZED,
-            code: "unauthorized",
-            message: "a valid admin bearer token is required",
-        }),
-    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -103,8 +40,8 @@ async fn list(
     State(state): State<AppState>,
     headers: HeaderMap,
     Query(q): Query<ListQuery>,
-) -> Result<Json<Value>, AdminError> {
-    authorize(&state, &headers)?;
+) -> Result<Json<Value>, ApiError> {
+    super::admin::require_admin(&state, &headers)?;
     let filter = DeliveryFilter {
         state: match q.state.as_deref() {
             None => None,
@@ -131,10 +68,10 @@ async fn list(
     })))
 }
 
-fn since(text: Option<&str>) -> Result<Option<i64>, AdminError> {
+fn since(text: Option<&str>) -> Result<Option<i64>, ApiError> {
     text.map(|t| parse_since(t, crate::clock::now_ms()))
         .transpose()
-        .map_err(|m| ApiError::BadRequest(format!("since: {m}")).into())
+        .map_err(|m| ApiError::BadRequest(format!("since: {m}")))
 }
 
 /// One row: its state, the event as sent, and every attempt.
@@ -142,8 +79,8 @@ async fn one(
     State(state): State<AppState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<Value>, AdminError> {
-    authorize(&state, &headers)?;
+) -> Result<Json<Value>, ApiError> {
+    super::admin::require_admin(&state, &headers)?;
     let number: i64 = id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("delivery id {id:?} is not a number")))?;
@@ -154,11 +91,9 @@ async fn one(
         Ok((row, attempts))
     })
     .await?;
-    let row = row.ok_or_else(|| {
-        AdminError::from(ApiError::NotFound {
-            what: "delivery",
-            id,
-        })
+    let row = row.ok_or(ApiError::NotFound {
+        what: "delivery",
+        id,
     })?;
     let mut body = row_json(&row);
     if let Some(map) = body.as_object_mut() {
@@ -199,8 +134,8 @@ async fn replay(
     State(state): State<AppState>,
     headers: HeaderMap,
     body: axum::body::Bytes,
-) -> Result<Json<Value>, AdminError> {
-    authorize(&state, &headers)?;
+) -> Result<Json<Value>, ApiError> {
+    super::admin::require_admin(&state, &headers)?;
     let request: ReplayBody = if body.iter().all(u8::is_ascii_whitespace) {
         ReplayBody::default()
     } else {

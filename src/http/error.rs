@@ -18,6 +18,8 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
     #[error("store unavailable")]
     Unavailable(String),
     #[error("internal error")]
@@ -39,6 +41,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Unavailable(cause) => {
                 tracing::warn!(%cause, "store unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")

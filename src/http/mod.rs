@@ -1,6 +1,7 @@
 //! HTTP: one router with the ops routes, the read API, and each HTTP source's routes; served on
 //! `http.addr`, and over TLS on `listener.tls.addr` when that is enabled ([`tls_router`]).
 
+pub mod admin;
 pub mod akinon;
 pub mod auth;
 mod consents;

@@ -70,7 +70,7 @@ async fn admin_api_is_closed_without_a_configured_token() {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 401);
+    assert_eq!(r.status(), 403);
     app.stop().await.unwrap();
 }
 

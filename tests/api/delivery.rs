@@ -1045,7 +1045,7 @@ async fn kill_9_during_delivery_resumes_after_restart_at_least_once() {
         .unwrap();
     let first = Process::start(&dir, port, &overrides);
     let ready = format!("http://127.0.0.1:{port}/readyz");
-    subgate::delivery::install_crypto_provider();
+    subgate::http::tls::install_crypto_provider();
     let client = reqwest::Client::new();
     eventually(30, "the process ready (queues declared)", || async {
         let r = client.get(&ready).send().await.ok()?;
