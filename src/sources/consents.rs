@@ -28,6 +28,29 @@ pub struct ConsentReport {
 }
 
 impl Change for ConsentReport {
+    /// The ledger change; for an email address also a contact view carrying the opt-in, so a
+    /// provider's unsubscribe report reaches the other providers.
+    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
+        let opted_in = self.state == ConsentState::OptedIn;
+        let contact = (self.address.channel == crate::consent::Channel::Email).then(|| {
+            crate::delivery::event::ContactView {
+                email: Some(self.address.normalised.clone()),
+                opt_in: Some(opted_in),
+                ..Default::default()
+            }
+        });
+        Some(crate::delivery::event::Outbound {
+            data: serde_json::json!({
+                "channel": self.address.channel,
+                "address": self.address.as_sent,
+                "state": self.state.as_str(),
+                "at": crate::clock::to_rfc3339(self.at),
+                "reported_by": self.reported_by,
+            }),
+            contact,
+        })
+    }
+
     fn apply(
         &self,
         tx: &mut dyn crate::store::StoreTx,

@@ -270,6 +270,8 @@ pub struct Notification {
     pub order: OrderUpdate,
     /// The inbox dedupe key: what makes two notifications "the same" whatever their eventId.
     pub semantic_key: String,
+    /// The Listener object as received: the `data` of the event forwarded to destinations.
+    pub body: Value,
 }
 
 /// What a notification says about its service order.
@@ -309,6 +311,7 @@ pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
             json_type(&value)
         )));
     };
+    let body = Value::Object(listener.clone());
     let missing: Vec<&'static str> = REQUIRED
         .into_iter()
         .filter(|k| listener.get(*k).is_none_or(Value::is_null))
@@ -373,6 +376,7 @@ pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
         event_ms,
         order,
         semantic_key,
+        body,
     })
 }
 
@@ -608,6 +612,14 @@ impl Notification {
 }
 
 impl Change for Notification {
+    /// The notification as received; a service order is not about a person (no contact view).
+    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
+        Some(crate::delivery::event::Outbound {
+            data: self.body.clone(),
+            contact: None,
+        })
+    }
+
     fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
         if let Some(marker) = tx.get_record(EVENT_ID, &self.event_id)? {
             if marker.doc["semantic_key"].as_str() == Some(self.semantic_key.as_str()) {

@@ -169,7 +169,7 @@ impl Provider {
 }
 
 /// `SUBGATE__DESTINATIONS`: one webhook to `url`.
-fn webhook(name: &str, url: &str, extra: &str) -> String {
+pub fn webhook(name: &str, url: &str, extra: &str) -> String {
     format!(
         r#"{{name="{name}", kind="webhook", url="{url}", secret="{SECRET}", timeout="1s"{extra}}}"#
     )
@@ -1218,4 +1218,43 @@ async fn a_429_pauses_the_destination_and_gives_back_what_was_claimed_ahead() {
             "row {id} given back"
         );
     }
+}
+
+#[tokio::test]
+async fn akinon_subscribe_user_reaches_the_webhook_with_its_contact_view() {
+    use crate::akinon::{akinon_app, post, USER_EXAMPLE};
+    let provider = Provider::start().await;
+    let list = format!("[{}]", webhook("crm", &provider.url("/hooks"), ""));
+    let app = akinon_app(&[
+        ("delivery.poll_interval", "50ms"),
+        ("destinations", list.as_str()),
+    ])
+    .await;
+    let r = post(&app, "/subscribe-user", USER_EXAMPLE, "req-outbound-1").await;
+    assert_eq!(r.status(), 200);
+    // A retried call changes nothing, so nothing more is delivered.
+    let r = post(&app, "/subscribe-user", USER_EXAMPLE, "req-outbound-1").await;
+    assert_eq!(r.status(), 200);
+    eventually(20, "the webhook call", || async {
+        (!provider.seen().is_empty()).then_some(())
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let seen = provider.seen();
+    assert_eq!(seen.len(), 1, "one real change, one delivery");
+    verify_signature(&seen[0]);
+    let event = seen[0].json();
+    assert_eq!(event["type"], "user.changed");
+    assert_eq!(event["source"], "akinon");
+    assert_eq!(event["entity"], "1");
+    assert_eq!(
+        event["data"]["username"], "username",
+        "unknown fields travel too"
+    );
+    assert_eq!(
+        event["contact"],
+        json!({"email": "user@example.com", "phone": "05351234567", "first_name": "Test",
+               "last_name": "User", "birth_date": "1990-01-01", "gender": "male", "opt_in": true})
+    );
+    app.stop().await.unwrap();
 }

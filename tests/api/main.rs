@@ -1,10 +1,10 @@
 //! One integration-test binary: every test spawns the real app (port 0, its own SQLite file,
 //! its own queue names) against the real RabbitMQ on this machine.
 
-mod akinon;
+pub mod akinon;
 mod cli;
 mod consents;
-mod delivery;
+pub mod delivery;
 pub mod erp;
 // Shared harness: not every test module uses every helper.
 #[allow(dead_code)]

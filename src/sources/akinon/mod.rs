@@ -129,6 +129,33 @@ enum Akinon {
 }
 
 impl Change for Akinon {
+    /// The call's canonical data, and the contact view of the person it is about.
+    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
+        use crate::delivery::event::{ContactView, Outbound};
+        Some(match self {
+            Akinon::Email(s) => Outbound {
+                data: json!({ "email": s.email.as_sent, "domain": s.domain }),
+                contact: Some(ContactView {
+                    email: Some(s.email.normalised.clone()),
+                    opt_in: Some(true),
+                    ..Default::default()
+                }),
+            },
+            Akinon::User(u) => Outbound {
+                data: u.doc.clone(),
+                contact: Some(user_contact(u)),
+            },
+            Akinon::Order(o) => {
+                let mut data = o.doc.clone();
+                data["user"] = o.user.doc.clone();
+                Outbound {
+                    data,
+                    contact: Some(user_contact(&o.user)),
+                }
+            }
+        })
+    }
+
     fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
         match self {
             Akinon::Email(s) => apply_subscribe_email(tx, s, ctx),
@@ -147,6 +174,31 @@ impl Change for Akinon {
                 Ok(combine(order, user))
             }
         }
+    }
+}
+
+/// An Akinon user as a contact: names, email, phone as sent, birth date, gender (`M`/`F` →
+/// `male`/`female`, anything else as sent), and the email consent as the opt-in.
+fn user_contact(u: &UserProfile) -> crate::delivery::event::ContactView {
+    let text = |key: &str| {
+        u.doc[key]
+            .as_str()
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+    };
+    crate::delivery::event::ContactView {
+        email: Some(u.email.normalised.clone()),
+        phone: u.phone.as_ref().map(|p| p.as_sent.clone()),
+        first_name: text("firstName"),
+        last_name: text("lastName"),
+        birth_date: text("dateOfBirth").map(|d| d.chars().take(10).collect()),
+        gender: text("gender").map(|g| match g.to_ascii_uppercase().as_str() {
+            "M" | "MALE" => "male".to_owned(),
+            "F" | "FEMALE" => "female".to_owned(),
+            _ => g,
+        }),
+        opt_in: Some(u.email_allowed),
     }
 }
 

@@ -135,6 +135,7 @@ impl Decoder for LoymaxDecoder {
             change: Box::new(LoymaxChange {
                 reapply: by_content && event.sets_state(),
                 event,
+                data: Value::Object(object),
             }),
         })
     }
@@ -176,6 +177,8 @@ fn dedupe_key(
 /// A decoded Loymax event and how it projects.
 struct LoymaxChange {
     event: Event,
+    /// The event body as decoded (leniently): the `data` forwarded to destinations.
+    data: Value,
     /// Keyed by content and setting state: re-applied by change detection when seen again.
     reapply: bool,
 }
@@ -187,5 +190,14 @@ impl Change for LoymaxChange {
 
     fn is_snapshot(&self) -> bool {
         self.reapply
+    }
+
+    /// The event as received. Loymax events carry no complete profile, so no contact view:
+    /// Emarsys gets members through the sources that do (ERP, Akinon).
+    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
+        Some(crate::delivery::event::Outbound {
+            data: self.data.clone(),
+            contact: None,
+        })
     }
 }
