@@ -84,6 +84,11 @@ pub async fn spawn_app_in(dir: PathBuf, overrides: &[(&str, &str)]) -> TestApp {
     let app = Application::build(settings.clone())
         .await
         .expect("application builds");
+    run_app(app, settings, dir)
+}
+
+/// Run a built application in the background.
+fn run_app(app: Application, settings: Settings, dir: PathBuf) -> TestApp {
     let addr = app.local_addr();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
@@ -293,18 +298,7 @@ pub async fn spawn_app_with_store(
     let app = Application::build_with_store(settings.clone(), store)
         .await
         .expect("application builds");
-    let addr = app.local_addr();
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));
-    TestApp {
-        addr,
-        base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
-        settings,
-        dir,
-        shutdown,
-        handle,
-    }
+    run_app(app, settings, dir)
 }
 
 /// Run a blocking store query from a test.
