@@ -4,8 +4,10 @@
 //! pool of readers), plus what sharing needs:
 //! - the inbox's unique dedupe key decides "first time or replay" across instances (a concurrent
 //!   insert of the same key waits for the other transaction, then sees the conflict);
-//! - a read-modify-write of a record takes a transaction-scoped advisory lock on (kind, key)
-//!   first, so two instances changing one customer serialise instead of losing an update;
+//! - a read-modify-write of a record reads it `FOR UPDATE` (the row stays locked, and a read
+//!   that waited sees what the other instance committed) and creates it insert-only (a lost
+//!   creation race is a `Conflict`), so two instances changing one customer serialise instead
+//!   of losing an update;
 //! - deadlocks and serialization failures are [`StoreError::Conflict`]: the ingest writer retries
 //!   the batch;
 //! - migrations run under a session advisory lock, so `subgate migrate` is safe from several
@@ -238,19 +240,16 @@ impl StoreTx for Tx<'_> {
         Ok(())
     }
 
-    /// Locks (kind, key) for the rest of the transaction before reading it, so concurrent
-    /// read-modify-writes of one entity from several instances serialise. The lock is its own
-    /// statement: under READ COMMITTED a statement's snapshot is taken when it starts, so a read
-    /// in the same statement as the lock wait would miss what the lock holder committed.
+    /// Reads with `FOR UPDATE`: an existing record stays locked until the transaction ends,
+    /// and a read that waited for another instance's lock returns what that instance committed
+    /// (READ COMMITTED re-reads the row). A record that does not exist yet cannot be locked;
+    /// its first write is insert-only (see `put_record_row`), so two instances creating it at
+    /// once end in a `Conflict` for one of them, whose batch is written again.
     fn get_record(&mut self, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {
-        self.conn.query(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
-            &[&kind, &key],
-        )?;
         self.conn
             .query_opt(
                 "SELECT kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version
-                 FROM records WHERE kind = $1 AND key = $2",
+                 FROM records WHERE kind = $1 AND key = $2 FOR UPDATE",
                 &[&kind, &key],
             )?
             .map(|r| read_record(&r))
@@ -258,13 +257,10 @@ impl StoreTx for Tx<'_> {
     }
 
     fn get_record_head(&mut self, kind: &str, key: &str) -> Result<Option<RecordHead>, StoreError> {
-        self.conn.query(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
-            &[&kind, &key],
-        )?;
         self.conn
             .query_opt(
-                "SELECT hash, occurred_at, version FROM records WHERE kind = $1 AND key = $2",
+                "SELECT hash, occurred_at, version FROM records
+                 WHERE kind = $1 AND key = $2 FOR UPDATE",
                 &[&kind, &key],
             )?
             .map(|r| {
@@ -277,7 +273,25 @@ impl StoreTx for Tx<'_> {
             .transpose()
     }
 
+    /// Version 1 is a creation: insert-only, and a record that appeared meanwhile (another
+    /// instance created it after our read found nothing) is a `Conflict`. Later versions replace
+    /// a row this transaction holds locked since its read.
     fn put_record_row(&mut self, r: &RecordRow<'_>) -> Result<(), StoreError> {
+        if r.version == 1 {
+            let inserted = self.conn.execute(
+                "INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (kind, key) DO NOTHING",
+                &[&r.kind, &r.key, &r.doc_json, &r.hash, &r.occurred_at, &r.changed_at, &r.changed_by, &r.seen_at, &r.seen_by, &r.version],
+            )?;
+            if inserted == 0 {
+                return Err(StoreError::Conflict(format!(
+                    "record {}/{} was created concurrently",
+                    r.kind, r.key
+                )));
+            }
+            return Ok(());
+        }
         self.conn.execute(
             "INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
