@@ -169,7 +169,7 @@ impl Provider {
 }
 
 /// `SUBGATE__DESTINATIONS`: one webhook to `url`.
-fn webhook(name: &str, url: &str, extra: &str) -> String {
+pub fn webhook(name: &str, url: &str, extra: &str) -> String {
     format!(
         r#"{{name="{name}", kind="webhook", url="{url}", secret="{SECRET}", timeout="1s"{extra}}}"#
     )
