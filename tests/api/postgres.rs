@@ -80,12 +80,20 @@ fn subscription(i: usize) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn three_instances_with_one_killed_store_30000_messages_exactly_once() {
+async fn three_instances_with_one_killed_store_30000_messages_exactly_once_and_deliver_every_row() {
+    let provider = Provider::start().await;
     let url = tokio::task::spawn_blocking(fresh_postgres_database)
         .await
         .unwrap();
     let queues = ErpQueues::new();
-    let overrides = queues.overrides(&[("store.url", url.as_str())]);
+    let list = format!("[{}]", webhook("crm", &provider.url("/h"), ""));
+    let overrides = queues.overrides(&[
+        ("store.url", url.as_str()),
+        ("destinations", list.as_str()),
+        ("delivery.poll_interval", "50ms"),
+        // The killed instance's leases come back quickly.
+        ("delivery.lease", "3s"),
+    ]);
     let dir = temp_dir("pg-instances");
     let settings = test_settings(&dir, &overrides);
     let store =
@@ -136,7 +144,26 @@ async fn three_instances_with_one_killed_store_30000_messages_exactly_once() {
         (done && drained).then_some(())
     })
     .await;
+    let rows = eventually(240, "every outbox row delivered", || {
+        let store = store.clone();
+        async move {
+            let rows = all_deliveries(store).await;
+            (rows.len() == CUSTOMERS + SUBSCRIPTIONS
+                && rows.iter().all(|r| r.state == DeliveryState::Delivered))
+            .then_some(rows)
+        }
+    })
+    .await;
     drop(instances);
+    // At least once: the receiver saw every row's event (the killed instance's in-flight rows
+    // may have gone out twice).
+    let seen: std::collections::HashSet<i64> = provider
+        .seen()
+        .iter()
+        .map(|s| s.json()["inbox_id"].as_i64().unwrap())
+        .collect();
+    let lost = rows.iter().filter(|r| !seen.contains(&r.inbox_id)).count();
+    assert_eq!(lost, 0, "no outbox row lost");
 
     let stats = events(store.clone()).await;
     assert_eq!(
