@@ -19,11 +19,16 @@ use postgres::{error::SqlState, types::ToSql, Client, NoTls, Row, Statement};
 use serde_json::Value;
 
 use super::{
-    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, NewOutboxRow, Record,
-    RecordHead, RecordRow, Store, StoreError, StoreTx,
+    AttemptRecord, AttemptResult, AttemptRow, ClaimRequest, DeliveryFilter, DeliveryState,
+    DestinationStats, HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, NewOutboxRow,
+    OutboxRow, Record, RecordHead, RecordRow, ReplayOutcome, ReplayRequest, Store, StoreError,
+    StoreTx,
 };
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_core.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_core.sql"),
+    include_str!("../../migrations/postgres/0002_outbox.sql"),
+];
 const READERS_KEPT: usize = 4;
 /// Session advisory lock key held while migrating ("subgate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0073_7562_6761_7465;
@@ -157,6 +162,207 @@ fn read_history(row: &Row) -> Result<HistoryEntry, StoreError> {
     })
 }
 
+/// The columns [`read_outbox`] reads (a macro, so statements stay `&'static str`).
+macro_rules! outbox_columns {
+    () => {
+        "id, destination, source, kind, entity, inbox_id,
+         (SELECT p.payload FROM outbox_payloads p WHERE p.id = payload_id), coalesce,
+         schedule, created_at, state, attempts, next_attempt_at, locked_until, last_status,
+         last_error, last_response, finished_at, superseded_by, replays"
+    };
+}
+
+fn read_outbox(row: &Row) -> Result<OutboxRow, StoreError> {
+    let state: &str = row.try_get(10)?;
+    Ok(OutboxRow {
+        id: row.try_get(0)?,
+        destination: row.try_get(1)?,
+        source: row.try_get(2)?,
+        kind: row.try_get(3)?,
+        entity: row.try_get(4)?,
+        inbox_id: row.try_get(5)?,
+        payload: row.try_get::<_, Option<String>>(6)?.unwrap_or_default(),
+        coalesce: row.try_get(7)?,
+        schedule: row.try_get(8)?,
+        created_at: row.try_get(9)?,
+        state: DeliveryState::parse(state).unwrap_or(DeliveryState::Pending),
+        attempts: row.try_get(11)?,
+        next_attempt_at: row.try_get(12)?,
+        locked_until: row.try_get(13)?,
+        last_status: row.try_get(14)?,
+        last_error: row.try_get(15)?,
+        last_response: row.try_get(16)?,
+        finished_at: row.try_get(17)?,
+        superseded_by: row.try_get(18)?,
+        replays: row.try_get(19)?,
+    })
+}
+
+/// Run `f` in one transaction on `conn` (delivery bookkeeping: claims, attempts, replays). Every
+/// instance's workers run these on pooled connections, apart from the ingest writer.
+fn in_tx<T>(
+    conn: &mut Conn,
+    f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.client.batch_execute("BEGIN")?;
+    match f(conn) {
+        Ok(v) => match conn.client.batch_execute("COMMIT") {
+            Ok(()) => Ok(v),
+            Err(e) => Err(match StoreError::from(e) {
+                e @ StoreError::Conflict(_) => e,
+                other => StoreError::Unavailable(format!("commit failed: {other}")),
+            }),
+        },
+        Err(e) => {
+            let _ = conn.client.batch_execute("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// Lease up to `limit` due head rows of one destination (see [`Store::claim_deliveries`]).
+///
+/// Across instances: `FOR UPDATE SKIP LOCKED` makes a row another transaction is claiming (or
+/// recording) invisible to this claim instead of a wait, and a row whose claim committed in the
+/// meantime is re-checked on its new version (its lease now holds, so it is left out). The
+/// ordering guard is a plain `NOT EXISTS`: it sees pending rows whether they are leased or
+/// locked, so a later row of a key never goes out while an earlier one is in flight elsewhere.
+fn claim_deliveries(conn: &mut Conn, c: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
+    let limit = c.limit as i64;
+    let mut heads = conn
+        .query(
+            concat!(
+                "UPDATE outbox SET locked_until = $4, lease_owner = $5
+                 WHERE id IN (
+                   SELECT id FROM outbox o
+                   WHERE destination = $1 AND state = 'pending' AND next_attempt_at <= $2
+                     AND (locked_until IS NULL OR locked_until <= $2)
+                     AND NOT EXISTS (SELECT 1 FROM outbox p
+                                     WHERE p.destination = o.destination AND p.entity = o.entity
+                                       AND p.state = 'pending' AND p.id < o.id)
+                   ORDER BY next_attempt_at, id LIMIT $3
+                   FOR UPDATE SKIP LOCKED)
+                 RETURNING ",
+                outbox_columns!()
+            ),
+            &[&c.destination, &c.now, &limit, &c.lease_until, &c.owner],
+        )?
+        .iter()
+        .map(read_outbox)
+        .collect::<Result<Vec<_>, _>>()?;
+    // RETURNING has no order: oldest due first, as selected.
+    heads.sort_by_key(|r| (r.next_attempt_at, r.id));
+    if c.coalesce {
+        for head in heads.iter_mut() {
+            if head.coalesce {
+                coalesce_into_latest(conn, c, head)?;
+            }
+        }
+    }
+    Ok(heads)
+}
+
+/// Replace `head` by the latest of the run of pending snapshot rows of its key that follows it;
+/// the rows in between are marked superseded. (Later rows of the key cannot be claimed
+/// elsewhere while `head` is pending: the ordering guard holds them back.)
+fn coalesce_into_latest(
+    conn: &mut Conn,
+    c: &ClaimRequest,
+    head: &mut OutboxRow,
+) -> Result<(), StoreError> {
+    let later = conn.query(
+        "SELECT id, coalesce FROM outbox
+         WHERE destination = $1 AND entity = $2 AND state = 'pending' AND id > $3
+         ORDER BY id",
+        &[&c.destination, &head.entity, &head.id],
+    )?;
+    let mut latest = None;
+    for row in &later {
+        let snapshot: bool = row.try_get(1)?;
+        if !snapshot {
+            break;
+        }
+        latest = Some(row.try_get::<_, i64>(0)?);
+    }
+    let Some(latest) = latest else {
+        return Ok(());
+    };
+    conn.execute(
+        "UPDATE outbox SET state = 'superseded', superseded_by = $4, finished_at = $5,
+                locked_until = NULL, lease_owner = NULL
+         WHERE destination = $1 AND entity = $2 AND state = 'pending' AND id >= $3 AND id < $4",
+        &[&c.destination, &head.entity, &head.id, &latest, &c.now],
+    )?;
+    let replacement = conn
+        .query_opt(
+            concat!(
+                "UPDATE outbox SET attempts = $2, locked_until = $3, lease_owner = $4
+                 WHERE id = $1 RETURNING ",
+                outbox_columns!()
+            ),
+            &[&latest, &head.attempts, &c.lease_until, &c.owner],
+        )?
+        .ok_or_else(|| StoreError::Conflict(format!("outbox row {latest} vanished")))?;
+    *head = read_outbox(&replacement)?;
+    Ok(())
+}
+
+fn record_attempts(
+    conn: &mut Conn,
+    destination: &str,
+    owner: &str,
+    attempts: &[AttemptRecord],
+) -> Result<(), StoreError> {
+    for a in attempts {
+        let next = match a.result {
+            AttemptResult::Retry { next_attempt_at } => Some(next_attempt_at),
+            _ => None,
+        };
+        let (state, finished) = match a.result {
+            AttemptResult::Delivered => ("delivered", Some(a.started_at + a.latency_ms)),
+            AttemptResult::Dead => ("dead", Some(a.started_at + a.latency_ms)),
+            AttemptResult::Retry { .. } => ("pending", None),
+        };
+        let status = a.status.map(i64::from);
+        conn.execute(
+            "INSERT INTO delivery_attempts (outbox_id, destination, attempt, started_at, latency_ms,
+                                            outcome, status, error, response, next_attempt_at)
+             VALUES ($1, $10, $2, $3, $4, $5, $6, $7, $8, $9)",
+            &[
+                &a.outbox_id,
+                &a.attempt,
+                &a.started_at,
+                &a.latency_ms,
+                &a.result.as_str(),
+                &status,
+                &a.error,
+                &a.response,
+                &next,
+                &destination,
+            ],
+        )?;
+        conn.execute(
+            "UPDATE outbox SET state = $2, attempts = $3,
+                    next_attempt_at = COALESCE($4, next_attempt_at),
+                    locked_until = NULL, lease_owner = NULL, last_status = $5, last_error = $6,
+                    last_response = $7, finished_at = $8
+             WHERE id = $1 AND state = 'pending' AND lease_owner = $9",
+            &[
+                &a.outbox_id,
+                &state,
+                &a.attempt,
+                &next,
+                &status,
+                &a.error,
+                &a.response,
+                &finished,
+                &owner,
+            ],
+        )?;
+    }
+    Ok(())
+}
+
 impl PostgresStore {
     pub fn open(url: &str) -> Result<Self, StoreError> {
         let writer = Conn::open(url)?;
@@ -206,6 +412,9 @@ impl PostgresStore {
 
 struct Tx<'c> {
     conn: &'c mut Conn,
+    /// The last outbox payload written and its id: the rows of one event for several
+    /// destinations share it.
+    last_payload: Option<(String, i64)>,
 }
 
 impl StoreTx for Tx<'_> {
@@ -342,11 +551,52 @@ impl StoreTx for Tx<'_> {
         Ok(())
     }
 
-    fn insert_outbox(&mut self, _row: &NewOutboxRow<'_>) -> Result<i64, StoreError> {
-        Err(StoreError::Failed(
-            "the PostgreSQL backend has no delivery outbox yet: remove [[destinations]] or use SQLite"
-                .into(),
-        ))
+    /// Ids come from a sequence, so an id is not a commit position: a transaction that took a
+    /// smaller id may commit after one that took a larger id, and a claimer in between would
+    /// send the later change of an entity first. So the row's id is taken under a
+    /// transaction-scoped advisory lock on its ordering key (in the same statement, before the
+    /// sequence is read): writers of one key serialise from there to their commit, and per key,
+    /// id order is commit order. (Projections already lock the record they change; this holds
+    /// whatever the projection does.)
+    fn insert_outbox(&mut self, r: &NewOutboxRow<'_>) -> Result<i64, StoreError> {
+        let payload_id = match &self.last_payload {
+            Some((text, id)) if text == r.payload => *id,
+            _ => {
+                let id: i64 = self
+                    .conn
+                    .query_opt(
+                        "INSERT INTO outbox_payloads (payload) VALUES ($1) RETURNING id",
+                        &[&r.payload],
+                    )?
+                    .ok_or_else(|| StoreError::Failed("no id from INSERT RETURNING".into()))?
+                    .try_get(0)?;
+                self.last_payload = Some((r.payload.to_owned(), id));
+                id
+            }
+        };
+        let row = self
+            .conn
+            .query_opt(
+                "INSERT INTO outbox (destination, source, kind, entity, inbox_id, payload_id,
+                                     coalesce, schedule, created_at, next_attempt_at)
+                 SELECT $1::text, $2::text, $3::text, $4::text, $5::bigint, $6::bigint, $7::boolean,
+                        $8::text, $9::bigint, $9::bigint
+                 FROM (SELECT pg_advisory_xact_lock(hashtextextended('outbox' || chr(31) || $4::text, 0))) AS ordering_lock
+                 RETURNING id",
+                &[
+                    &r.destination,
+                    &r.source,
+                    &r.kind,
+                    &r.entity,
+                    &r.inbox_id,
+                    &payload_id,
+                    &r.coalesce,
+                    &r.schedule,
+                    &r.created_at,
+                ],
+            )?
+            .ok_or_else(|| StoreError::Failed("no id from INSERT RETURNING".into()))?;
+        Ok(row.try_get(0)?)
     }
 
     // Savepoint commands use the simple-query protocol: after a failed statement the transaction
@@ -362,6 +612,8 @@ impl StoreTx for Tx<'_> {
     }
 
     fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
+        // A payload written since the savepoint is gone with it: never reuse its id.
+        self.last_payload = None;
         self.conn
             .client
             .batch_execute("ROLLBACK TO SAVEPOINT event; RELEASE SAVEPOINT event")?;
@@ -413,7 +665,10 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         self.with_writer(|conn| {
             conn.client.batch_execute("BEGIN")?;
-            let result = f(&mut Tx { conn: &mut *conn });
+            let result = f(&mut Tx {
+                conn: &mut *conn,
+                last_payload: None,
+            });
             match result {
                 Ok(()) => conn.client.batch_execute("COMMIT").map_err(|e| {
                     let e = StoreError::from(e);
@@ -550,6 +805,152 @@ impl Store for PostgresStore {
         self.with_reader(|c| {
             c.query_opt("SELECT 1", &[])?;
             Ok(())
+        })
+    }
+
+    fn claim_deliveries(&self, claim: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
+        self.with_reader(|c| in_tx(c, |c| claim_deliveries(c, claim)))
+    }
+
+    fn record_attempts(
+        &self,
+        destination: &str,
+        owner: &str,
+        attempts: &[AttemptRecord],
+    ) -> Result<(), StoreError> {
+        if attempts.is_empty() {
+            return Ok(());
+        }
+        self.with_reader(|c| in_tx(c, |c| record_attempts(c, destination, owner, attempts)))
+    }
+
+    fn record_then_claim(
+        &self,
+        attempts: &[AttemptRecord],
+        claim: &ClaimRequest,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        self.with_reader(|c| {
+            in_tx(c, |c| {
+                record_attempts(c, &claim.destination, &claim.owner, attempts)?;
+                claim_deliveries(c, claim)
+            })
+        })
+    }
+
+    fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
+        self.with_reader(|c| {
+            let n = c.execute(
+                "UPDATE outbox SET locked_until = NULL, lease_owner = NULL
+                 WHERE lease_owner = $1 AND state = 'pending'",
+                &[&owner],
+            )?;
+            Ok(n as usize)
+        })
+    }
+
+    fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<OutboxRow>, StoreError> {
+        let state = f.state.map(DeliveryState::as_str);
+        let limit = f.limit as i64;
+        self.with_reader(|c| {
+            c.query(
+                concat!(
+                    "SELECT ",
+                    outbox_columns!(),
+                    " FROM outbox
+                     WHERE ($1::text IS NULL OR state = $1) AND ($2::text IS NULL OR destination = $2)
+                       AND ($3::bigint IS NULL OR created_at >= $3) AND id > COALESCE($4::bigint, 0)
+                     ORDER BY id LIMIT $5"
+                ),
+                &[&state, &f.destination, &f.since, &f.after_id, &limit],
+            )?
+            .iter()
+            .map(read_outbox)
+            .collect()
+        })
+    }
+
+    fn delivery(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        self.with_reader(|c| {
+            c.query_opt(
+                concat!("SELECT ", outbox_columns!(), " FROM outbox WHERE id = $1"),
+                &[&id],
+            )?
+            .map(|r| read_outbox(&r))
+            .transpose()
+        })
+    }
+
+    fn delivery_attempts(&self, outbox_id: i64) -> Result<Vec<AttemptRow>, StoreError> {
+        self.with_reader(|c| {
+            c.query(
+                "SELECT attempt, started_at, latency_ms, outcome, status, error, response,
+                        next_attempt_at
+                 FROM delivery_attempts WHERE outbox_id = $1 ORDER BY id",
+                &[&outbox_id],
+            )?
+            .iter()
+            .map(|r| {
+                Ok(AttemptRow {
+                    attempt: r.try_get(0)?,
+                    started_at: r.try_get(1)?,
+                    latency_ms: r.try_get(2)?,
+                    outcome: r.try_get(3)?,
+                    status: r.try_get(4)?,
+                    error: r.try_get(5)?,
+                    response: r.try_get(6)?,
+                    next_attempt_at: r.try_get(7)?,
+                })
+            })
+            .collect()
+        })
+    }
+
+    fn replay_dead(&self, r: &ReplayRequest) -> Result<ReplayOutcome, StoreError> {
+        self.with_reader(|c| {
+            in_tx(c, |c| {
+                let rows = c.execute(
+                    "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = $3,
+                            locked_until = NULL, lease_owner = NULL, finished_at = NULL,
+                            replays = replays + 1
+                     WHERE state = 'dead' AND ($1::text IS NULL OR destination = $1)
+                       AND ($2::bigint IS NULL OR created_at >= $2)",
+                    &[&r.destination, &r.since, &r.now],
+                )? as i64;
+                let replay_id: i64 = c
+                    .query_opt(
+                        "INSERT INTO delivery_replays (at, actor, destination, since, rows)
+                         VALUES ($1, $2, $3, $4, $5) RETURNING id",
+                        &[&r.now, &r.actor, &r.destination, &r.since, &rows],
+                    )?
+                    .ok_or_else(|| StoreError::Failed("no id from INSERT RETURNING".into()))?
+                    .try_get(0)?;
+                Ok(ReplayOutcome { replay_id, rows })
+            })
+        })
+    }
+
+    fn delivery_stats(&self, destination: &str) -> Result<DestinationStats, StoreError> {
+        self.with_reader(|c| {
+            // Literal states, so the partial indexes apply.
+            let pending = c
+                .query_opt(
+                    "SELECT COUNT(*), MIN(created_at) FROM outbox
+                     WHERE destination = $1 AND state = 'pending'",
+                    &[&destination],
+                )?
+                .ok_or_else(|| StoreError::Failed("no row from COUNT".into()))?;
+            let dead = c
+                .query_opt(
+                    "SELECT COUNT(*) FROM outbox WHERE destination = $1 AND state = 'dead'",
+                    &[&destination],
+                )?
+                .ok_or_else(|| StoreError::Failed("no row from COUNT".into()))?;
+            Ok(DestinationStats {
+                destination: destination.to_owned(),
+                pending: pending.try_get(0)?,
+                oldest_pending_at: pending.try_get(1)?,
+                dead: dead.try_get(0)?,
+            })
         })
     }
 }

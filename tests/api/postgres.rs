@@ -3,9 +3,10 @@
 
 use amqprs::BasicProperties;
 use serde_json::json;
-use subgate::store::Store;
+use subgate::store::{DeliveryFilter, DeliveryState, OutboxRow, Store};
 
 use crate::{
+    delivery::{webhook, Provider, Reply},
     erp::{customer_version, ErpQueues, CUSTOMER_SEED},
     helpers::{eventually, query, spawn_app, temp_dir, test_settings, Broker},
     resilience::Subgate,
@@ -79,12 +80,20 @@ fn subscription(i: usize) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn three_instances_with_one_killed_store_30000_messages_exactly_once() {
+async fn three_instances_with_one_killed_store_30000_messages_exactly_once_and_deliver_every_row() {
+    let provider = Provider::start().await;
     let url = tokio::task::spawn_blocking(fresh_postgres_database)
         .await
         .unwrap();
     let queues = ErpQueues::new();
-    let overrides = queues.overrides(&[("store.url", url.as_str())]);
+    let list = format!("[{}]", webhook("crm", &provider.url("/h"), ""));
+    let overrides = queues.overrides(&[
+        ("store.url", url.as_str()),
+        ("destinations", list.as_str()),
+        ("delivery.poll_interval", "50ms"),
+        // The killed instance's leases come back quickly.
+        ("delivery.lease", "3s"),
+    ]);
     let dir = temp_dir("pg-instances");
     let settings = test_settings(&dir, &overrides);
     let store =
@@ -135,7 +144,26 @@ async fn three_instances_with_one_killed_store_30000_messages_exactly_once() {
         (done && drained).then_some(())
     })
     .await;
+    let rows = eventually(240, "every outbox row delivered", || {
+        let store = store.clone();
+        async move {
+            let rows = all_deliveries(store).await;
+            (rows.len() == CUSTOMERS + SUBSCRIPTIONS
+                && rows.iter().all(|r| r.state == DeliveryState::Delivered))
+            .then_some(rows)
+        }
+    })
+    .await;
     drop(instances);
+    // At least once: the receiver saw every row's event (the killed instance's in-flight rows
+    // may have gone out twice).
+    let seen: std::collections::HashSet<i64> = provider
+        .seen()
+        .iter()
+        .map(|s| s.json()["inbox_id"].as_i64().unwrap())
+        .collect();
+    let lost = rows.iter().filter(|r| !seen.contains(&r.inbox_id)).count();
+    assert_eq!(lost, 0, "no outbox row lost");
 
     let stats = events(store.clone()).await;
     assert_eq!(
@@ -164,4 +192,142 @@ async fn three_instances_with_one_killed_store_30000_messages_exactly_once() {
     let twice = versions.iter().filter(|v| **v > Some(1)).count();
     assert_eq!((missing, twice), (0, 0), "none lost, none applied twice");
     broker.delete_queues(&queues.all()).await;
+}
+
+/// Every outbox row, oldest first.
+async fn all_deliveries(store: std::sync::Arc<dyn Store>) -> Vec<OutboxRow> {
+    query(store, |s| {
+        let mut rows = Vec::new();
+        loop {
+            let page = s
+                .list_deliveries(&DeliveryFilter {
+                    after_id: rows.last().map(|r: &OutboxRow| r.id),
+                    limit: 1_000,
+                    ..DeliveryFilter::default()
+                })
+                .unwrap();
+            if page.is_empty() {
+                return rows;
+            }
+            rows.extend(page);
+        }
+    })
+    .await
+}
+
+/// `subgate_delivery_attempts_total{destination, outcome="delivered"}` of one instance.
+async fn delivered_by(instance: &Subgate, destination: &str) -> u64 {
+    let text = reqwest::get(instance.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series = format!(
+        "subgate_delivery_attempts_total{{destination=\"{destination}\",outcome=\"delivered\"}} "
+    );
+    text.lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn two_instances_deliver_each_outbox_row_once_in_per_entity_order() {
+    const ENTITIES: usize = 30;
+    const VERSIONS: usize = 10;
+    let provider = Provider::start().await;
+    // Slow enough that both instances have rows in flight at once.
+    provider.by_default(Reply::status(200).delay(std::time::Duration::from_millis(10)));
+    let url = tokio::task::spawn_blocking(fresh_postgres_database)
+        .await
+        .unwrap();
+    let queues = ErpQueues::new();
+    let list = format!(
+        "[{}]",
+        webhook("crm", &provider.url("/h"), ", concurrency=2, batch_size=4")
+    );
+    let overrides = queues.overrides(&[
+        ("store.url", url.as_str()),
+        ("destinations", list.as_str()),
+        ("delivery.poll_interval", "20ms"),
+    ]);
+    let dir = temp_dir("pg-outbox");
+    let settings = test_settings(&dir, &overrides);
+    let store =
+        tokio::task::spawn_blocking(move || subgate::startup::open_store(&settings, true).unwrap())
+            .await
+            .unwrap();
+    let instances: Vec<Subgate> = (0..2).map(|_| Subgate::start(&dir, &overrides)).collect();
+    for instance in &instances {
+        instance.wait_ready().await;
+    }
+    // Every customer changes VERSIONS times, interleaved; both instances consume and deliver.
+    let broker = Broker::connect().await;
+    let messages = (0..VERSIONS)
+        .flat_map(|v| {
+            (0..ENTITIES).map(move |e| {
+                let body = json!({ "id": format!("oc{e}"), "status": "Active", "name": format!("Ad {v}") });
+                (body.to_string().into_bytes(), BasicProperties::default())
+            })
+        })
+        .collect();
+    broker.publish_all(&queues.customers, messages).await;
+
+    let total = ENTITIES * VERSIONS;
+    let rows = eventually(120, "every outbox row delivered", || {
+        let store = store.clone();
+        async move {
+            let rows = all_deliveries(store).await;
+            (rows.len() == total && rows.iter().all(|r| r.state == DeliveryState::Delivered))
+                .then_some(rows)
+        }
+    })
+    .await;
+    // Anything sent twice would arrive within a poll or two.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let seen = provider.seen();
+    assert_eq!(seen.len(), total, "each row delivered once");
+    let attempts = query(store.clone(), {
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        move |s| {
+            ids.iter()
+                .map(|id| s.delivery_attempts(*id).unwrap().len())
+                .sum::<usize>()
+        }
+    })
+    .await;
+    assert_eq!(attempts, total, "one attempt per row");
+
+    // Per entity, the receiver saw the rows in outbox (commit) order.
+    let outbox_id: std::collections::HashMap<i64, i64> =
+        rows.iter().map(|r| (r.inbox_id, r.id)).collect();
+    for e in 0..ENTITIES {
+        let entity = format!("oc{e}");
+        let order: Vec<i64> = seen
+            .iter()
+            .map(|s| s.json())
+            .filter(|event| event["entity"] == entity.as_str())
+            .map(|event| outbox_id[&event["inbox_id"].as_i64().unwrap()])
+            .collect();
+        assert_eq!(order.len(), VERSIONS, "{entity}: every change");
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "{entity}: delivered in commit order");
+    }
+    let by_instance = [
+        delivered_by(&instances[0], "crm").await,
+        delivered_by(&instances[1], "crm").await,
+    ];
+    assert_eq!(by_instance.iter().sum::<u64>(), total as u64);
+    assert!(
+        by_instance.iter().all(|n| *n > 0),
+        "both instances delivered: {by_instance:?}"
+    );
+    drop(instances);
+    broker.delete_queues(&queues.all()).await;
+    // The synchronous PostgreSQL client must not be dropped on a runtime thread.
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .unwrap();
 }

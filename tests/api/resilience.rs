@@ -161,6 +161,10 @@ impl Subgate {
         }
     }
 
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
     pub async fn wait_ready(&self) {
         // reqwest's rustls needs the process-wide provider (no app is built in this process).
         subgate::http::tls::install_crypto_provider();

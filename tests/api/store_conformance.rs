@@ -8,7 +8,10 @@ use subgate::{
     consent::{record_consent, Channel, ConsentChange, ConsentState, Normaliser},
     envelope::{Applied, ApplyContext},
     projection::apply_snapshot,
-    store::{HistoryEntry, InboxEntry, InboxInsert, Store, StoreError},
+    store::{
+        AttemptRecord, AttemptResult, ClaimRequest, DeliveryFilter, DeliveryState, HistoryEntry,
+        InboxEntry, InboxInsert, NewOutboxRow, ReplayRequest, Store, StoreError,
+    },
 };
 
 use crate::helpers::{temp_dir, test_settings, unique};
@@ -96,6 +99,11 @@ on_both_backends!(
     concurrent_migrations_apply_each_version_once,
     concurrent_read_modify_writes_of_one_record_lose_no_update,
     consent_ledger_records_changes_and_ignores_stale_ones,
+    outbox_rows_are_claimed_then_delivered_retried_or_dead_and_dead_rows_replay,
+    an_expired_lease_is_taken_over_and_the_old_owner_can_no_longer_record,
+    a_later_row_of_an_entity_waits_for_every_earlier_pending_one,
+    claiming_snapshots_coalesces_them_into_the_latest,
+    two_store_handles_claiming_concurrently_never_share_a_row_and_keep_entity_order,
 );
 
 fn inbox_dedupes_by_key_and_keeps_the_raw_bytes(backend: Backend) {
@@ -358,4 +366,470 @@ fn consent_ledger_records_changes_and_ignores_stale_ones(backend: Backend) {
         .unwrap();
     assert_eq!(changes.len(), 2);
     assert_eq!(changes[1].doc["previous"], "opted_in");
+}
+
+/// Queue outbox rows in one ingest transaction: (destination, entity, payload, coalesce).
+fn queue(store: &Arc<dyn Store>, rows: &[(&str, &str, &str, bool)]) -> Vec<i64> {
+    let mut ids = vec![];
+    store
+        .write(&mut |tx| {
+            ids.clear();
+            for (i, (destination, entity, payload, coalesce)) in rows.iter().enumerate() {
+                ids.push(tx.insert_outbox(&NewOutboxRow {
+                    destination,
+                    source: "test",
+                    kind: "thing.changed",
+                    entity,
+                    inbox_id: i as i64 + 1,
+                    payload,
+                    coalesce: *coalesce,
+                    schedule: "0,1000",
+                    created_at: 1_000,
+                })?);
+            }
+            Ok(())
+        })
+        .unwrap();
+    ids
+}
+
+fn claim(destination: &str, owner: &str, now: i64, limit: usize) -> ClaimRequest {
+    ClaimRequest {
+        destination: destination.into(),
+        owner: owner.into(),
+        now,
+        lease_until: now + 1_000,
+        limit,
+        coalesce: false,
+    }
+}
+
+fn attempt(outbox_id: i64, attempt: i64, result: AttemptResult) -> AttemptRecord {
+    AttemptRecord {
+        outbox_id,
+        attempt,
+        started_at: 2_000,
+        latency_ms: 5,
+        result,
+        status: Some(match result {
+            AttemptResult::Delivered => 200,
+            AttemptResult::Retry { .. } => 503,
+            AttemptResult::Dead => 400,
+        }),
+        error: None,
+        response: Some("body".into()),
+    }
+}
+
+fn ids(rows: &[subgate::store::OutboxRow]) -> Vec<i64> {
+    rows.iter().map(|r| r.id).collect()
+}
+
+fn outbox_rows_are_claimed_then_delivered_retried_or_dead_and_dead_rows_replay(backend: Backend) {
+    let (store, _) = fresh_store(backend);
+    let event = r#"{"id":"evt_1","data":{"ad":"Çağlar"}}"#;
+    let queued = queue(
+        &store,
+        &[
+            ("crm", "test:a", event, false),
+            ("audit", "test:a", event, false),
+            ("crm", "test:b", "{\"id\":\"evt_2\"}", false),
+            ("crm", "test:c", "{\"id\":\"evt_3\"}", false),
+        ],
+    );
+    let [a, audit, b, c] = queued[..] else {
+        panic!("four ids: {queued:?}")
+    };
+    assert_eq!(store.delivery(audit).unwrap().unwrap().payload, event);
+
+    assert!(
+        store
+            .claim_deliveries(&claim("crm", "w1", 999, 10))
+            .unwrap()
+            .is_empty(),
+        "nothing is due before it was created"
+    );
+    let claimed = store
+        .claim_deliveries(&claim("crm", "w1", 2_000, 10))
+        .unwrap();
+    assert_eq!(
+        ids(&claimed),
+        [a, b, c],
+        "oldest first, one destination only"
+    );
+    assert_eq!(
+        claimed[0].payload, event,
+        "the payload comes with the claim"
+    );
+    assert_eq!(claimed[0].locked_until, Some(3_000));
+    assert!(
+        store
+            .claim_deliveries(&claim("crm", "w2", 2_500, 10))
+            .unwrap()
+            .is_empty(),
+        "leased rows are not claimed again"
+    );
+
+    store
+        .record_attempts(
+            "crm",
+            "w1",
+            &[
+                attempt(a, 1, AttemptResult::Delivered),
+                attempt(
+                    b,
+                    1,
+                    AttemptResult::Retry {
+                        next_attempt_at: 5_000,
+                    },
+                ),
+                attempt(c, 1, AttemptResult::Dead),
+            ],
+        )
+        .unwrap();
+    let row_a = store.delivery(a).unwrap().unwrap();
+    assert_eq!(
+        (
+            row_a.state,
+            row_a.attempts,
+            row_a.finished_at,
+            row_a.locked_until
+        ),
+        (DeliveryState::Delivered, 1, Some(2_005), None)
+    );
+    let row_b = store.delivery(b).unwrap().unwrap();
+    assert_eq!(
+        (
+            row_b.state,
+            row_b.next_attempt_at,
+            row_b.last_status,
+            row_b.locked_until
+        ),
+        (DeliveryState::Pending, 5_000, Some(503), None)
+    );
+    let row_c = store.delivery(c).unwrap().unwrap();
+    assert_eq!(
+        (row_c.state, row_c.last_response.as_deref()),
+        (DeliveryState::Dead, Some("body"))
+    );
+    let tries = store.delivery_attempts(b).unwrap();
+    assert_eq!(tries.len(), 1);
+    assert_eq!(
+        (
+            tries[0].outcome.as_str(),
+            tries[0].status,
+            tries[0].next_attempt_at
+        ),
+        ("retry", Some(503), Some(5_000))
+    );
+    let stats = store.delivery_stats("crm").unwrap();
+    assert_eq!(
+        (stats.pending, stats.oldest_pending_at, stats.dead),
+        (1, Some(1_000), 1)
+    );
+
+    assert!(store
+        .claim_deliveries(&claim("crm", "w1", 4_999, 10))
+        .unwrap()
+        .is_empty());
+    // record_then_claim: the retry is due, and the next claim sees the recorded state.
+    let again = store
+        .record_then_claim(&[], &claim("crm", "w1", 5_000, 10))
+        .unwrap();
+    assert_eq!(ids(&again), [b]);
+    let none = store
+        .record_then_claim(
+            &[attempt(b, 2, AttemptResult::Delivered)],
+            &claim("crm", "w1", 5_000, 10),
+        )
+        .unwrap();
+    assert!(none.is_empty());
+    assert_eq!(
+        store.delivery(b).unwrap().unwrap().state,
+        DeliveryState::Delivered
+    );
+
+    let dead = store
+        .list_deliveries(&DeliveryFilter {
+            state: Some(DeliveryState::Dead),
+            destination: Some("crm".into()),
+            limit: 10,
+            ..DeliveryFilter::default()
+        })
+        .unwrap();
+    assert_eq!(ids(&dead), [c]);
+    let all = store
+        .list_deliveries(&DeliveryFilter {
+            after_id: Some(a),
+            limit: 2,
+            ..DeliveryFilter::default()
+        })
+        .unwrap();
+    assert_eq!(ids(&all), [audit, b], "paged by id");
+    let replay = store
+        .replay_dead(&ReplayRequest {
+            destination: Some("crm".into()),
+            since: None,
+            actor: "cli".into(),
+            now: 6_000,
+        })
+        .unwrap();
+    assert_eq!(replay.rows, 1);
+    let revived = store.delivery(c).unwrap().unwrap();
+    assert_eq!(
+        (
+            revived.state,
+            revived.attempts,
+            revived.replays,
+            revived.next_attempt_at
+        ),
+        (DeliveryState::Pending, 0, 1, 6_000)
+    );
+    assert_eq!(
+        ids(&store
+            .claim_deliveries(&claim("crm", "w1", 6_000, 10))
+            .unwrap()),
+        [c]
+    );
+    assert_eq!(store.release_leases("w1").unwrap(), 1);
+    assert_eq!(store.delivery(c).unwrap().unwrap().locked_until, None);
+}
+
+fn an_expired_lease_is_taken_over_and_the_old_owner_can_no_longer_record(backend: Backend) {
+    let (store, _) = fresh_store(backend);
+    let [id] = queue(&store, &[("crm", "test:a", "{}", false)])[..] else {
+        panic!("one id")
+    };
+    assert_eq!(
+        ids(&store
+            .claim_deliveries(&claim("crm", "dead-worker", 2_000, 10))
+            .unwrap()),
+        [id]
+    );
+    assert!(store
+        .claim_deliveries(&claim("crm", "w2", 2_999, 10))
+        .unwrap()
+        .is_empty());
+    let taken = store
+        .claim_deliveries(&claim("crm", "w2", 3_000, 10))
+        .unwrap();
+    assert_eq!(ids(&taken), [id], "taken over once the lease expired");
+    assert_eq!(taken[0].locked_until, Some(4_000));
+
+    store
+        .record_attempts("crm", "dead-worker", &[attempt(id, 1, AttemptResult::Dead)])
+        .unwrap();
+    let row = store.delivery(id).unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.locked_until),
+        (DeliveryState::Pending, Some(4_000)),
+        "a lost lease records nothing on the row"
+    );
+    assert_eq!(
+        store.delivery_attempts(id).unwrap().len(),
+        1,
+        "the attempt is kept"
+    );
+    store
+        .record_attempts("crm", "w2", &[attempt(id, 1, AttemptResult::Delivered)])
+        .unwrap();
+    assert_eq!(
+        store.delivery(id).unwrap().unwrap().state,
+        DeliveryState::Delivered
+    );
+    assert_eq!(store.release_leases("w2").unwrap(), 0);
+}
+
+fn a_later_row_of_an_entity_waits_for_every_earlier_pending_one(backend: Backend) {
+    let (store, _) = fresh_store(backend);
+    let queued = queue(
+        &store,
+        &[
+            ("crm", "test:a", "{}", false),
+            ("crm", "test:a", "{}", false),
+            ("crm", "test:b", "{}", false),
+            ("other", "test:a", "{}", false),
+        ],
+    );
+    let [a1, a2, b1, other] = queued[..] else {
+        panic!("four ids")
+    };
+    let first = store
+        .claim_deliveries(&claim("crm", "w1", 2_000, 10))
+        .unwrap();
+    assert_eq!(ids(&first), [a1, b1], "a2 waits for a1");
+    assert_eq!(
+        ids(&store
+            .claim_deliveries(&claim("other", "w3", 2_000, 10))
+            .unwrap()),
+        [other],
+        "the key is per destination"
+    );
+    // A leased earlier row holds the later one back for every other claimer too.
+    assert!(store
+        .claim_deliveries(&claim("crm", "w2", 2_000, 10))
+        .unwrap()
+        .is_empty());
+    store
+        .record_attempts(
+            "crm",
+            "w1",
+            &[
+                attempt(
+                    a1,
+                    1,
+                    AttemptResult::Retry {
+                        next_attempt_at: 2_500,
+                    },
+                ),
+                attempt(b1, 1, AttemptResult::Delivered),
+            ],
+        )
+        .unwrap();
+    assert!(
+        store
+            .claim_deliveries(&claim("crm", "w2", 2_100, 10))
+            .unwrap()
+            .is_empty(),
+        "a retried earlier row still holds the later one back"
+    );
+    assert_eq!(
+        ids(&store
+            .claim_deliveries(&claim("crm", "w2", 2_500, 10))
+            .unwrap()),
+        [a1]
+    );
+    store
+        .record_attempts("crm", "w2", &[attempt(a1, 2, AttemptResult::Dead)])
+        .unwrap();
+    assert_eq!(
+        ids(&store
+            .claim_deliveries(&claim("crm", "w2", 2_500, 10))
+            .unwrap()),
+        [a2],
+        "a dead row no longer holds its key"
+    );
+}
+
+fn claiming_snapshots_coalesces_them_into_the_latest(backend: Backend) {
+    let (store, _) = fresh_store(backend);
+    let queued = queue(
+        &store,
+        &[
+            ("emarsys", "test:a", "{\"v\":1}", true),
+            ("emarsys", "test:a", "{\"v\":2}", true),
+            ("emarsys", "test:a", "{\"v\":3}", true),
+            ("emarsys", "test:a", "{\"v\":4}", false),
+        ],
+    );
+    let [s1, s2, s3, event] = queued[..] else {
+        panic!("four ids")
+    };
+    let mut request = claim("emarsys", "w1", 2_000, 10);
+    request.coalesce = true;
+    let claimed = store.claim_deliveries(&request).unwrap();
+    assert_eq!(
+        ids(&claimed),
+        [s3],
+        "the latest snapshot goes in place of the first"
+    );
+    assert_eq!(claimed[0].payload, "{\"v\":3}");
+    assert_eq!(claimed[0].locked_until, Some(3_000));
+    for id in [s1, s2] {
+        let row = store.delivery(id).unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.superseded_by),
+            (DeliveryState::Superseded, Some(s3))
+        );
+    }
+    assert_eq!(
+        store.delivery(event).unwrap().unwrap().state,
+        DeliveryState::Pending
+    );
+    store
+        .record_attempts("emarsys", "w1", &[attempt(s3, 1, AttemptResult::Delivered)])
+        .unwrap();
+    assert_eq!(ids(&store.claim_deliveries(&request).unwrap()), [event]);
+}
+
+fn two_store_handles_claiming_concurrently_never_share_a_row_and_keep_entity_order(
+    backend: Backend,
+) {
+    let (store, url) = fresh_store(backend);
+    const ENTITIES: usize = 10;
+    const PER_ENTITY: usize = 20;
+    let keys: Vec<String> = (0..ENTITIES).map(|e| format!("test:e{e}")).collect();
+    let rows: Vec<(&str, &str, &str, bool)> = (0..PER_ENTITY)
+        .flat_map(|_| keys.iter().map(|k| ("crm", k.as_str(), "{}", false)))
+        .collect();
+    let queued = queue(&store, &rows);
+    // What each "instance" sent, in the order sent (between its claim and its record).
+    let sent = std::sync::Mutex::new(Vec::<(String, i64, usize)>::new());
+    let start = std::sync::Barrier::new(2);
+    std::thread::scope(|s| {
+        for worker in 0..2usize {
+            let url = url.clone();
+            let (sent, start) = (&sent, &start);
+            s.spawn(move || {
+                let store = open(&url);
+                start.wait();
+                let owner = format!("instance-{worker}");
+                let mut idle = 0;
+                while idle < 20 {
+                    let rows = loop {
+                        match store.claim_deliveries(&claim("crm", &owner, 2_000, 3)) {
+                            Ok(rows) => break rows,
+                            Err(e) if e.is_transient() => continue,
+                            Err(e) => panic!("{e}"),
+                        }
+                    };
+                    if rows.is_empty() {
+                        idle += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(5));
+                        continue;
+                    }
+                    idle = 0;
+                    let mut done = vec![];
+                    for row in &rows {
+                        sent.lock()
+                            .unwrap()
+                            .push((row.entity.clone(), row.id, worker));
+                        done.push(attempt(row.id, 1, AttemptResult::Delivered));
+                    }
+                    // The call to the provider.
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                    loop {
+                        match store.record_attempts("crm", &owner, &done) {
+                            Ok(()) => break,
+                            Err(e) if e.is_transient() => continue,
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let sent = sent.into_inner().unwrap();
+    let mut sent_ids: Vec<i64> = sent.iter().map(|(_, id, _)| *id).collect();
+    sent_ids.sort_unstable();
+    assert_eq!(sent_ids, queued, "every row sent exactly once");
+    for key in &keys {
+        let order: Vec<i64> = sent
+            .iter()
+            .filter(|(k, ..)| k == key)
+            .map(|(_, id, _)| *id)
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order, sorted, "{key} went out in commit order");
+    }
+    let by = |w| sent.iter().filter(|(.., who)| *who == w).count();
+    assert!(
+        by(0) > 0 && by(1) > 0,
+        "both handles took part ({}, {})",
+        by(0),
+        by(1)
+    );
+    let stats = store.delivery_stats("crm").unwrap();
+    assert_eq!((stats.pending, stats.dead), (0, 0));
 }
