@@ -4,10 +4,9 @@
 //! pool of readers), plus what sharing needs:
 //! - the inbox's unique dedupe key decides "first time or replay" across instances (a concurrent
 //!   insert of the same key waits for the other transaction, then sees the conflict);
-//! - a read-modify-write of a record reads it `FOR UPDATE` (the row stays locked, and a read
-//!   that waited sees what the other instance committed) and creates it insert-only (a lost
-//!   creation race is a `Conflict`), so two instances changing one customer serialise instead
-//!   of losing an update;
+//! - a read-modify-write of a record takes a transaction-scoped advisory lock on (kind, key)
+//!   first (it covers records that do not exist yet, which a row lock cannot), so two instances
+//!   changing one customer serialise instead of losing an update; creations are insert-only;
 //! - deadlocks and serialization failures are [`StoreError::Conflict`]: the ingest writer retries
 //!   the batch;
 //! - migrations run under a session advisory lock, so `subgate migrate` is safe from several
@@ -417,6 +416,17 @@ struct Tx<'c> {
     last_payload: Option<(String, i64)>,
 }
 
+impl Tx<'_> {
+    /// A transaction-scoped advisory lock on (kind, key); re-entrant within the transaction.
+    fn lock_key(&mut self, kind: &str, key: &str) -> Result<(), StoreError> {
+        self.conn.query(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
+            &[&kind, &key],
+        )?;
+        Ok(())
+    }
+}
+
 impl StoreTx for Tx<'_> {
     fn insert_inbox(&mut self, e: &InboxEntry<'_>) -> Result<InboxInsert, StoreError> {
         let meta = e.meta;
@@ -449,16 +459,18 @@ impl StoreTx for Tx<'_> {
         Ok(())
     }
 
-    /// Reads with `FOR UPDATE`: an existing record stays locked until the transaction ends,
-    /// and a read that waited for another instance's lock returns what that instance committed
-    /// (READ COMMITTED re-reads the row). A record that does not exist yet cannot be locked;
-    /// its first write is insert-only (see `put_record_row`), so two instances creating it at
-    /// once end in a `Conflict` for one of them, whose batch is written again.
+    /// Locks (kind, key) for the rest of the transaction before reading it, so concurrent
+    /// read-modify-writes of one entity from several instances serialise — including for an
+    /// entity that does not exist yet, which a row lock could not cover (a projection may read
+    /// a key twice in one transaction and must see the same answer both times). The lock is its
+    /// own statement: under READ COMMITTED a statement's snapshot is taken when it starts, so a
+    /// read in the same statement as the lock wait would miss what the lock holder committed.
     fn get_record(&mut self, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {
+        self.lock_key(kind, key)?;
         self.conn
             .query_opt(
                 "SELECT kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version
-                 FROM records WHERE kind = $1 AND key = $2 FOR UPDATE",
+                 FROM records WHERE kind = $1 AND key = $2",
                 &[&kind, &key],
             )?
             .map(|r| read_record(&r))
@@ -468,8 +480,7 @@ impl StoreTx for Tx<'_> {
     fn get_record_head(&mut self, kind: &str, key: &str) -> Result<Option<RecordHead>, StoreError> {
         self.conn
             .query_opt(
-                "SELECT hash, occurred_at, version FROM records
-                 WHERE kind = $1 AND key = $2 FOR UPDATE",
+                "SELECT hash, occurred_at, version FROM records WHERE kind = $1 AND key = $2",
                 &[&kind, &key],
             )?
             .map(|r| {
@@ -482,9 +493,9 @@ impl StoreTx for Tx<'_> {
             .transpose()
     }
 
-    /// Version 1 is a creation: insert-only, and a record that appeared meanwhile (another
-    /// instance created it after our read found nothing) is a `Conflict`. Later versions replace
-    /// a row this transaction holds locked since its read.
+    /// Version 1 is a creation: insert-only, so a record that appeared meanwhile (a writer that
+    /// did not read it first) is a `Conflict` rather than silently overwritten. Later versions
+    /// replace a row this transaction locked when it read it.
     fn put_record_row(&mut self, r: &RecordRow<'_>) -> Result<(), StoreError> {
         if r.version == 1 {
             let inserted = self.conn.execute(
