@@ -330,15 +330,7 @@ async fn erp_change_reaches_the_webhook_signed_and_a_duplicate_sends_nothing() {
     })
     .await;
     assert_eq!(rows.len(), 2, "one row per real change");
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for series in [
         r#"subgate_delivery_attempts_total{destination="crm",outcome="delivered"}"#,
         r#"subgate_delivery_seconds_bucket{destination="crm""#,

@@ -137,6 +137,18 @@ impl TestApp {
         (status, body)
     }
 
+    /// The Prometheus page.
+    pub async fn metrics(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     /// A separate handle on the same database, to assert on rows directly.
     pub fn store(&self) -> std::sync::Arc<dyn Store> {
         let settings = self.settings.clone();

@@ -789,15 +789,7 @@ async fn openapi_documents_the_listener_and_metrics_count_its_requests() {
 
     accepted(&app, &creation("e-1", "2024-05-01T10:00:00Z")).await;
     assert_eq!(post(&app, "").await.status, 400);
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     for series in [
         r#"subgate_listener_notifications_total{event_type="ServiceOrderCreationNotification",outcome="applied"}"#,
         r#"subgate_listener_requests_total{status="201",code="none"}"#,

@@ -11,15 +11,7 @@ async fn healthz_metrics_and_openapi_answer() {
     assert_eq!(doc["openapi"], "3.1.0");
     assert!(doc["paths"]["/api/v1/erp/customers/{id}"].is_object());
 
-    let metrics = app
-        .http
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(metrics.contains("# TYPE") || metrics.is_empty());
     app.stop().await.unwrap();
 }
