@@ -337,9 +337,7 @@ fn missing(code: &'static str, detail: impl Into<String>) -> Rejection {
 }
 
 fn required_member(object: &Map<String, Value>, key: &str) -> Result<MemberRef, Rejection> {
-    object
-        .get(key)
-        .and_then(Value::as_object)
+    nested(object, &[key])
         .and_then(MemberRef::read)
         .ok_or_else(|| {
             missing(
@@ -350,18 +348,13 @@ fn required_member(object: &Map<String, Value>, key: &str) -> Result<MemberRef, 
 }
 
 fn optional_member(object: &Map<String, Value>) -> Option<MemberRef> {
-    object
-        .get("customerInfo")
-        .and_then(Value::as_object)
-        .and_then(MemberRef::read)
+    nested(object, &["customerInfo"]).and_then(MemberRef::read)
 }
 
 /// The card of a card-state event: under `cardInfo` (activation, block) or at the top level
 /// (delete, category).
 fn card_ref(object: &Map<String, Value>) -> Result<CardRef, Rejection> {
-    object
-        .get("cardInfo")
-        .and_then(Value::as_object)
+    nested(object, &["cardInfo"])
         .and_then(CardRef::read)
         .or_else(|| CardRef::read(object))
         .ok_or_else(|| missing("missing_card", "no cardId or cardNumber"))
@@ -408,15 +401,10 @@ pub fn decode(
             completed: event_type == EventType::EndRegistration,
         },
         EventType::CardLink => {
-            let new_card = object
-                .get("newCard")
-                .and_then(Value::as_object)
+            let new_card = nested(object, &["newCard"])
                 .and_then(CardSnapshot::read)
                 .ok_or_else(|| missing("missing_card", "`newCard` has no cardId or cardNumber"))?;
-            let mut old_card = object
-                .get("oldCard")
-                .and_then(Value::as_object)
-                .and_then(CardSnapshot::read);
+            let mut old_card = nested(object, &["oldCard"]).and_then(CardSnapshot::read);
             let link_type = id_text(field(object, &["linkCardType"]))
                 .or_else(|| {
                     event_code
@@ -456,7 +444,7 @@ pub fn decode(
             to: required_member(object, "toCustomerInfo")?,
         },
         EventType::CardActivation => {
-            let info = object.get("cardInfo").and_then(Value::as_object);
+            let info = nested(object, &["cardInfo"]);
             let mut card = info
                 .and_then(CardSnapshot::read)
                 .or_else(|| CardSnapshot::read(object))
@@ -515,9 +503,7 @@ pub fn decode(
         }
         EventType::Subscription => {
             let member = required_member(object, "customerInfo")?;
-            let info = object
-                .get("subscriptionInfo")
-                .and_then(Value::as_object)
+            let info = nested(object, &["subscriptionInfo"])
                 .ok_or_else(|| missing("missing_field", "no `subscriptionInfo` object"))?;
             let type_id = id_text(field(object, &["subscriptionTypeId"]));
             let type_code = id_text(field(object, &["subscriptionTypeCode"]));
@@ -614,9 +600,7 @@ fn purchase(
     } else {
         "purchaseOperationInfo"
     };
-    let info = object
-        .get(info_key)
-        .and_then(Value::as_object)
+    let info = nested(object, &[info_key])
         .ok_or_else(|| missing("missing_field", format!("no `{info_key}` object")))?;
     let empty = Map::new();
     let data = nested(info, &["purchaseData"]).unwrap_or(&empty);
