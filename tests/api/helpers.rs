@@ -88,7 +88,7 @@ pub async fn spawn_app_in(dir: PathBuf, overrides: &[(&str, &str)]) -> TestApp {
 }
 
 /// Run a built application in the background.
-fn run_app(app: Application, settings: Settings, dir: PathBuf) -> TestApp {
+pub fn run_app(app: Application, settings: Settings, dir: PathBuf) -> TestApp {
     let addr = app.local_addr();
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(app.run_until_stopped(shutdown.clone()));

@@ -4,9 +4,8 @@
 use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
 use serde_json::{json, Value};
 use subgate::startup::Application;
-use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{spawn_app, temp_dir, test_settings, TestApp};
+use crate::helpers::{run_app, spawn_app, temp_dir, test_settings, TestApp};
 
 const PATH: &str = "/externalapi/listener/v1/listener";
 const TOKEN: &str = "hub-token-0123456789";
@@ -738,18 +737,7 @@ async fn the_listener_is_served_over_tls_with_a_certificate_generated_by_the_tes
     );
     let built = Application::build(settings.clone()).await.unwrap();
     let tls_addr = built.tls_addr().expect("TLS is enabled");
-    let addr = built.local_addr();
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(built.run_until_stopped(shutdown.clone()));
-    let app = TestApp {
-        addr,
-        base: format!("http://{addr}"),
-        http: reqwest::Client::new(),
-        settings,
-        dir,
-        shutdown,
-        handle,
-    };
+    let app = run_app(built, settings, dir);
 
     let https = reqwest::Client::builder()
         .use_rustls_tls()
