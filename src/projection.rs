@@ -15,12 +15,12 @@ pub fn apply_snapshot(
     tx: &mut dyn StoreTx,
     kind: &str,
     key: &str,
-    doc: Value,
+    doc: &Value,
     ctx: &ApplyContext,
 ) -> Result<Applied, StoreError> {
     // Serialised once: the hash and the stored row come from the same bytes, and the current
     // record's document is never parsed (only its hash is compared).
-    let doc_json = serde_json::to_string(&doc)
+    let doc_json = serde_json::to_string(doc)
         .map_err(|e| StoreError::Failed(format!("cannot serialise a snapshot: {e}")))?;
     let hash = hash_bytes(doc_json.as_bytes());
     let mut row = RecordRow {

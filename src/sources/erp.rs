@@ -396,16 +396,9 @@ struct ErpSnapshot {
 impl Change for ErpSnapshot {
     fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
         match self.feed {
-            Feed::Customer => Ok(apply_snapshot(
-                tx,
-                CUSTOMER,
-                &self.entity,
-                self.doc.clone(),
-                ctx,
-            )?),
+            Feed::Customer => Ok(apply_snapshot(tx, CUSTOMER, &self.entity, &self.doc, ctx)?),
             Feed::Subscription => {
-                let applied =
-                    apply_snapshot(tx, SUBSCRIPTION, &self.entity, self.doc.clone(), ctx)?;
+                let applied = apply_snapshot(tx, SUBSCRIPTION, &self.entity, &self.doc, ctx)?;
                 if applied == Applied::Changed {
                     let parties: Vec<String> = self.doc["engaged_party"]
                         .as_array()

@@ -656,7 +656,7 @@ impl Change for Notification {
             occurred_at: seen_until.max(Some(self.event_ms)),
             ..*ctx
         };
-        let applied = match apply_snapshot(tx, SERVICE_ORDER, id, doc, &as_of)? {
+        let applied = match apply_snapshot(tx, SERVICE_ORDER, id, &doc, &as_of)? {
             Applied::NoOp if !report.ignored.is_empty() => Applied::Stale,
             other => other,
         };

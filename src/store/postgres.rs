@@ -27,6 +27,7 @@ use super::{
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_core.sql"),
     include_str!("../../migrations/postgres/0002_outbox.sql"),
+    include_str!("../../migrations/postgres/0003_drop_inbox_entity_index.sql"),
 ];
 const READERS_KEPT: usize = 4;
 /// Session advisory lock key held while migrating ("subgate" in ASCII).

@@ -20,6 +20,7 @@ use crate::config::SqliteSynchronous;
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_core.sql"),
     include_str!("../../migrations/sqlite/0002_outbox.sql"),
+    include_str!("../../migrations/sqlite/0003_drop_inbox_entity_index.sql"),
 ];
 
 const READERS_KEPT: usize = 4;

@@ -166,7 +166,7 @@ impl Change for Akinon {
                     occurred_at: None,
                     ..*ctx
                 };
-                let order = apply_snapshot(tx, ORDER, &o.pk, o.doc.clone(), &order_ctx)?;
+                let order = apply_snapshot(tx, ORDER, &o.pk, &o.doc, &order_ctx)?;
                 if order == Applied::Changed {
                     tx.replace_links(ORDER_USER, &o.pk, std::slice::from_ref(&o.user.pk))?;
                 }
@@ -222,7 +222,7 @@ fn apply_subscribe_email(
         tx,
         EMAIL_SUBSCRIPTION,
         &s.email.normalised,
-        doc,
+        &doc,
         &ApplyContext {
             occurred_at: None,
             ..*ctx
@@ -254,7 +254,7 @@ fn apply_user(
         occurred_at: Some(u.modified_at),
         ..*ctx
     };
-    let mut applied = apply_snapshot(tx, USER, &u.pk, u.doc.clone(), &user_ctx)?;
+    let mut applied = apply_snapshot(tx, USER, &u.pk, &u.doc, &user_ctx)?;
     if applied == Applied::Stale {
         return Ok(Applied::Stale);
     }
@@ -313,7 +313,7 @@ fn remember_form(
         tx,
         ADDRESS_FORM,
         &form_key(address),
-        Value::String(address.as_sent.clone()),
+        &Value::String(address.as_sent.clone()),
         &ApplyContext {
             occurred_at: None,
             ..*ctx

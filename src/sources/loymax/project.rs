@@ -176,7 +176,7 @@ impl<T: Serialize + DeserializeOwned + Default> Doc<T> {
             occurred_at: self.occurred_at.max(ctx.occurred_at),
             ..*ctx
         };
-        Ok(apply_snapshot(tx, self.kind, &self.key, doc, &ctx)?)
+        Ok(apply_snapshot(tx, self.kind, &self.key, &doc, &ctx)?)
     }
 }
 
@@ -250,7 +250,7 @@ impl Member {
                     tx,
                     MEMBER_UID,
                     uid,
-                    json!({ "customer_id": self.key() }),
+                    &json!({ "customer_id": self.key() }),
                     ctx,
                 )?;
             }
@@ -435,7 +435,7 @@ impl Card {
         let applied = self.doc.save(tx, ctx)?;
         if let Some(number) = self.doc.doc.number.as_deref() {
             if self.loaded_number.as_deref() != Some(number) {
-                apply_snapshot(tx, CARD_NUMBER, number, json!({ "card": self.key() }), ctx)?;
+                apply_snapshot(tx, CARD_NUMBER, number, &json!({ "card": self.key() }), ctx)?;
             }
         }
         Ok(applied)
@@ -851,7 +851,7 @@ fn purchase(
     let mut m = Member::open(tx, &operation.member)?;
     let mut doc = operation.doc.clone();
     doc["member"] = Value::String(m.key().to_owned());
-    out.saved(apply_snapshot(tx, kind, &operation.id, doc, ctx)?);
+    out.saved(apply_snapshot(tx, kind, &operation.id, &doc, ctx)?);
     let member = [m.key().to_owned()];
     let totals = &mut m.doc.doc.purchases;
     let overflow = || ApplyError::Invalid("purchase totals overflow".into());
