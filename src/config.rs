@@ -430,6 +430,8 @@ pub enum KeyStyle {
 pub struct AdminSettings {
     /// Bearer token; empty disables the admin routes.
     pub token: Secret,
+    /// Bearer token of the read API (`GET /api/v1/…`); empty leaves it open.
+    pub read_token: Secret,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -845,6 +847,7 @@ impl Settings {
             c.password = c.password.redacted();
         }
         copy.admin.token = copy.admin.token.redacted();
+        copy.admin.read_token = copy.admin.read_token.redacted();
         copy.consent.link_secret = copy.consent.link_secret.redacted();
         copy.listener.bearer_token = copy.listener.bearer_token.redacted();
         for t in &mut copy.listener.bearer_tokens {
@@ -1301,6 +1304,7 @@ event_ids = { "order.created" = "77" }
                 ("SUBGATE__AKINON__USERNAME", "akinon"),
                 ("SUBGATE__AKINON__PASSWORD", "0123"),
                 ("SUBGATE__ADMIN__TOKEN", "admin-tok"),
+                ("SUBGATE__ADMIN__READ_TOKEN", "read-tok"),
                 ("SUBGATE__CONSENT__LINK_SECRET", "link-key"),
             ],
         )
@@ -1309,7 +1313,7 @@ event_ids = { "order.created" = "77" }
         assert_eq!(s.akinon.password.expose(), "0123");
         assert_eq!(s.akinon.credentials().count(), 2);
         let printed = s.redacted_toml();
-        for secret in ["0123", "rotated-pw", "admin-tok", "link-key"] {
+        for secret in ["0123", "rotated-pw", "admin-tok", "read-tok", "link-key"] {
             assert!(!printed.contains(secret), "{secret} in {printed}");
         }
         assert!(printed.contains("akinon"));

@@ -179,6 +179,14 @@ impl Application {
         } = self;
         let health = state.health.clone();
         tracing::info!(addr = %listener.local_addr()?, store = %crate::config::redact_url(&settings.store.url), "subgate serving");
+        if settings.admin.read_token.expose().is_empty()
+            && !listener.local_addr()?.ip().is_loopback()
+        {
+            tracing::warn!(
+                "the read API (GET /api/v1/...) is open beyond loopback: set admin.read_token \
+                 (SUBGATE__ADMIN__READ_TOKEN) unless a proxy authenticates in front of subgate"
+            );
+        }
 
         let upkeep = {
             let handle = state.metrics.clone();

@@ -74,6 +74,10 @@ fn surface_router(state: AppState, surface: Surface) -> Router {
         .merge(listener::routes(&state.settings.listener, surface))
         .merge(deliveries::routes())
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::guard_read_api,
+        ))
         .with_state(state)
 }
 

@@ -74,6 +74,53 @@ async fn admin_api_is_closed_without_a_configured_token() {
     app.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn read_api_needs_the_read_or_admin_token_once_one_is_configured() {
+    let app = akinon_app(&[("admin.read_token", "read-token-0123")]).await;
+    let body = json!({ "channel": "email", "address": "b@example.com", "state": "opted_out",
+                       "source": "emarsys", "occurredAt": "2024-06-01T10:00:00Z" });
+    assert_eq!(report(&app, body).await.0, 200);
+    let get = |token: Option<&'static str>, path: &'static str| {
+        let mut r = app.http.get(app.url(path));
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        async move { r.send().await.unwrap() }
+    };
+    for token in [None, Some("wrong")] {
+        for path in [
+            "/api/v1/consents?address=b@example.com",
+            "/api/v1/erp/customers/1",
+            "/api/v1/akinon/users/1",
+            "/api/v1/service-orders/1",
+        ] {
+            let r = get(token, path).await;
+            assert_eq!(r.status(), 401, "{path} with {token:?}");
+            let err: Value = r.json().await.unwrap();
+            assert_eq!(err["error"]["code"], "unauthorized");
+        }
+    }
+    for token in ["read-token-0123", ADMIN_TOKEN] {
+        let r = get(Some(token), "/api/v1/consents?address=b@example.com").await;
+        assert_eq!(r.status(), 200);
+        let ledger: Value = r.json().await.unwrap();
+        assert_eq!(ledger["channels"][0]["state"], "opted_out");
+    }
+    // Health, metrics and the upstream contracts' own routes are not behind the read token.
+    assert_eq!(get(None, "/healthz").await.status(), 200);
+    let r = get(
+        None,
+        "/unsubscribed-users?fromDate=2024-06-01T00:00:00Z&toDate=2024-06-02T00:00:00Z",
+    )
+    .await;
+    assert_eq!(
+        r.status(),
+        401,
+        "Akinon's route keeps Akinon's Basic credentials"
+    );
+    app.stop().await.unwrap();
+}
+
 /// The URL `subgate unsubscribe-link` prints, made relative to the test app.
 fn printed_link(email: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_subgate"))

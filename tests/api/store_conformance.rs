@@ -141,11 +141,11 @@ fn snapshots_apply_by_change_detection_and_never_go_back_in_time(backend: Backen
     let b = json!({"name": "B"});
     store
         .write(&mut |tx| {
-            applied.push(apply_snapshot(tx, "k", "1", a.clone(), &ctx(1, Some(100)))?);
-            applied.push(apply_snapshot(tx, "k", "1", a.clone(), &ctx(2, Some(100)))?);
-            applied.push(apply_snapshot(tx, "k", "1", b.clone(), &ctx(3, Some(200)))?);
-            applied.push(apply_snapshot(tx, "k", "1", a.clone(), &ctx(4, Some(150)))?);
-            applied.push(apply_snapshot(tx, "k", "1", a.clone(), &ctx(5, None))?);
+            applied.push(apply_snapshot(tx, "k", "1", &a, &ctx(1, Some(100)))?);
+            applied.push(apply_snapshot(tx, "k", "1", &a, &ctx(2, Some(100)))?);
+            applied.push(apply_snapshot(tx, "k", "1", &b, &ctx(3, Some(200)))?);
+            applied.push(apply_snapshot(tx, "k", "1", &a, &ctx(4, Some(150)))?);
+            applied.push(apply_snapshot(tx, "k", "1", &a, &ctx(5, None))?);
             Ok(())
         })
         .unwrap();
@@ -291,7 +291,7 @@ fn concurrent_read_modify_writes_of_one_record_lose_no_update(backend: Backend) 
                                 tx,
                                 "counter",
                                 "c",
-                                json!({ "n": n + 1 }),
+                                &json!({ "n": n + 1 }),
                                 &ctx(worker * 1000 + i, None),
                             )?;
                             Ok(())
