@@ -83,6 +83,13 @@ pub struct DeliverySettings {
         serialize_with = "serialize_duration"
     )]
     pub max_retry_after: Duration,
+    /// Delivered and superseded outbox rows (with their attempts and payloads) older than this
+    /// are deleted; 0 keeps them forever. Dead rows are never purged.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -997,12 +1004,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let (number, unit) = t.split_at(split);
     let n: u64 = number
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 500ms, 20s, 2m or 1h"))?;
+        .map_err(|_| format!("{text:?} is not a duration like 500ms, 20s, 2m, 1h or 7d"))?;
     let ms = match unit.trim() {
         "ms" => n,
         "" | "s" => n.saturating_mul(1000),
         "m" => n.saturating_mul(60_000),
         "h" => n.saturating_mul(3_600_000),
+        "d" => n.saturating_mul(86_400_000),
         other => return Err(format!("unknown duration unit {other:?} in {text:?}")),
     };
     Ok(Duration::from_millis(ms))
@@ -1010,7 +1018,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 
 pub fn format_duration(d: &Duration) -> String {
     let ms = d.as_millis();
-    if ms % 3_600_000 == 0 && ms > 0 {
+    if ms % 86_400_000 == 0 && ms > 0 {
+        format!("{}d", ms / 86_400_000)
+    } else if ms % 3_600_000 == 0 && ms > 0 {
         format!("{}h", ms / 3_600_000)
     } else if ms % 60_000 == 0 && ms > 0 {
         format!("{}m", ms / 60_000)
@@ -1405,6 +1415,8 @@ event_ids = { "order.created" = "77" }
     fn durations_parse_in_common_units() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(format_duration(&Duration::from_secs(7 * 86_400)), "7d");
         assert!(parse_duration("soon").is_err());
     }
 }

@@ -6,7 +6,8 @@
 //!   one outbox row per matching destination);
 //! - [`retry`]: the pure retry policy (classification, schedule, jitter, `Retry-After`);
 //! - [`worker`]: one worker per destination: claim due rows with a lease, send, record;
-//! - [`webhook`], [`emarsys`], [`amqp`]: the three transports.
+//! - [`webhook`], [`emarsys`], [`amqp`]: the three transports;
+//! - [`retention`]: finished rows are purged `delivery.retention` after they finished.
 //!
 //! Nothing here runs in the ingest path: the pipeline only writes outbox rows; workers are tokio
 //! tasks that read them back through the store (`spawn_blocking`, short transactions).
@@ -14,6 +15,7 @@
 pub mod amqp;
 pub mod emarsys;
 pub mod event;
+pub mod retention;
 pub mod retry;
 pub mod routes;
 pub mod webhook;
@@ -101,6 +103,13 @@ pub fn spawn(
             tokio::spawn(w.run(shutdown.clone()))
         })
         .collect();
+    if !settings.delivery.retention.is_zero() {
+        tasks.push(tokio::spawn(retention::run(
+            store.clone(),
+            settings.delivery.retention,
+            shutdown.clone(),
+        )));
+    }
     if !settings.destinations.is_empty() {
         tasks.push(tokio::spawn(sample_metrics(
             settings.clone(),

@@ -267,6 +267,12 @@ pub trait Store: Send + Sync + 'static {
     fn delivery_stats(&self, _destination: &str) -> Result<DestinationStats, StoreError> {
         Err(no_outbox())
     }
+    /// Delete up to `limit` delivered or superseded rows that finished before `before` (unix
+    /// ms), oldest first, with their attempts and their payloads once no row uses them; returns
+    /// how many rows went. Pending and dead rows are never touched.
+    fn purge_finished(&self, _before: i64, _limit: usize) -> Result<usize, StoreError> {
+        Err(no_outbox())
+    }
 }
 
 fn no_outbox() -> StoreError {

@@ -28,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_core.sql"),
     include_str!("../../migrations/postgres/0002_outbox.sql"),
     include_str!("../../migrations/postgres/0003_drop_inbox_entity_index.sql"),
+    include_str!("../../migrations/postgres/0004_outbox_retention.sql"),
 ];
 const READERS_KEPT: usize = 4;
 /// Session advisory lock key held while migrating ("subgate" in ASCII).
@@ -963,6 +964,37 @@ impl Store for PostgresStore {
                 oldest_pending_at: pending.try_get(1)?,
                 dead: dead.try_get(0)?,
             })
+        })
+    }
+
+    fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        let limit = limit as i64;
+        self.with_reader(|c| {
+            // One statement: every part sees the same snapshot, so a payload is kept when a row
+            // outside this purge still uses it. Rows another instance is purging are skipped.
+            let row = c
+                .query_opt(
+                    "WITH doomed AS (
+                         SELECT id, payload_id FROM outbox
+                         WHERE state IN ('delivered', 'superseded') AND finished_at < $1
+                         ORDER BY id LIMIT $2
+                         FOR UPDATE SKIP LOCKED
+                     ), attempts AS (
+                         DELETE FROM delivery_attempts WHERE outbox_id IN (SELECT id FROM doomed)
+                     ), gone AS (
+                         DELETE FROM outbox WHERE id IN (SELECT id FROM doomed) RETURNING id
+                     ), payloads AS (
+                         DELETE FROM outbox_payloads p
+                         WHERE p.id IN (SELECT payload_id FROM doomed)
+                           AND NOT EXISTS (SELECT 1 FROM outbox o
+                                           WHERE o.payload_id = p.id
+                                             AND o.id NOT IN (SELECT id FROM doomed))
+                     )
+                     SELECT COUNT(*) FROM gone",
+                    &[&before, &limit],
+                )?
+                .ok_or_else(|| StoreError::Failed("no row from the purge".into()))?;
+            Ok(row.try_get::<_, i64>(0)? as usize)
         })
     }
 }

@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_core.sql"),
     include_str!("../../migrations/sqlite/0002_outbox.sql"),
     include_str!("../../migrations/sqlite/0003_drop_inbox_entity_index.sql"),
+    include_str!("../../migrations/sqlite/0004_outbox_retention.sql"),
 ];
 
 const READERS_KEPT: usize = 4;
@@ -955,6 +956,38 @@ impl Store for SqliteStore {
                 oldest_pending_at,
                 dead,
             })
+        })
+    }
+
+    fn purge_finished(&self, before: i64, limit: usize) -> Result<usize, StoreError> {
+        let conn = self.lock_writer();
+        in_write_tx(&conn, |c| {
+            // Old finished rows have the smallest ids: the scan in id order stops early.
+            let doomed: Vec<(i64, i64)> = c
+                .prepare_cached(
+                    "SELECT id, payload_id FROM outbox
+                     WHERE state IN ('delivered', 'superseded') AND finished_at < ?1
+                     ORDER BY id LIMIT ?2",
+                )?
+                .query_map(params![before, limit as i64], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })?
+                .collect::<Result<_, _>>()?;
+            let mut attempts =
+                c.prepare_cached("DELETE FROM delivery_attempts WHERE outbox_id = ?1")?;
+            let mut rows = c.prepare_cached("DELETE FROM outbox WHERE id = ?1")?;
+            for (id, _) in &doomed {
+                attempts.execute([id])?;
+                rows.execute([id])?;
+            }
+            let mut payloads = c.prepare_cached(
+                "DELETE FROM outbox_payloads WHERE id = ?1
+                   AND NOT EXISTS (SELECT 1 FROM outbox WHERE payload_id = ?1)",
+            )?;
+            for (_, payload) in &doomed {
+                payloads.execute([payload])?;
+            }
+            Ok(doomed.len())
         })
     }
 }

@@ -104,6 +104,7 @@ on_both_backends!(
     a_later_row_of_an_entity_waits_for_every_earlier_pending_one,
     claiming_snapshots_coalesces_them_into_the_latest,
     two_store_handles_claiming_concurrently_never_share_a_row_and_keep_entity_order,
+    retention_purges_old_finished_rows_with_their_attempts_and_unshared_payloads,
 );
 
 fn inbox_dedupes_by_key_and_keeps_the_raw_bytes(backend: Backend) {
@@ -863,4 +864,105 @@ fn sqlite_wal_stays_bounded_under_a_steady_stream_of_commits() {
         "the WAL grew to {wal} bytes for 60 MB written"
     );
     assert_eq!(store.inbox_stats(Some("test")).unwrap().events, 30_000);
+}
+
+/// One number from the store's own tables, through a connection of the backend's own driver.
+fn count(url: &str, sql: &str) -> i64 {
+    match url.strip_prefix("sqlite://") {
+        Some(path) => rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row(sql, [], |r| r.get(0))
+            .unwrap(),
+        None => postgres::Client::connect(url, postgres::NoTls)
+            .unwrap()
+            .query_one(sql, &[])
+            .unwrap()
+            .get(0),
+    }
+}
+
+fn retention_purges_old_finished_rows_with_their_attempts_and_unshared_payloads(backend: Backend) {
+    let (store, url) = fresh_store(backend);
+    let shared = r#"{"id":"evt_1"}"#;
+    let queued = queue(
+        &store,
+        &[
+            ("crm", "test:a", shared, false),
+            ("audit", "test:a", shared, false),
+            ("crm", "test:b", "{\"id\":\"evt_2\"}", false),
+            ("crm", "test:c", "{\"id\":\"evt_3\"}", false),
+            ("crm", "test:d", "{\"id\":\"evt_4\"}", false),
+        ],
+    );
+    let [old, audit, dead, retried, recent] = queued[..] else {
+        panic!("five ids: {queued:?}")
+    };
+    let claimed = store
+        .claim_deliveries(&claim("crm", "w1", 2_000, 10))
+        .unwrap();
+    assert_eq!(ids(&claimed), [old, dead, retried, recent]);
+    let recent_attempt = AttemptRecord {
+        started_at: 50_000,
+        ..attempt(recent, 1, AttemptResult::Delivered)
+    };
+    store
+        .record_attempts(
+            "crm",
+            "w1",
+            &[
+                attempt(old, 1, AttemptResult::Delivered),
+                attempt(dead, 1, AttemptResult::Dead),
+                attempt(
+                    retried,
+                    1,
+                    AttemptResult::Retry {
+                        next_attempt_at: 99_000,
+                    },
+                ),
+                recent_attempt,
+            ],
+        )
+        .unwrap();
+    let payloads = || count(&url, "SELECT COUNT(*) FROM outbox_payloads");
+    assert_eq!(payloads(), 4, "the two rows of one event share a payload");
+
+    // Finished before 10 000: only the old delivered row (the dead one finished then too).
+    assert_eq!(store.purge_finished(10_000, 10).unwrap(), 1);
+    assert!(store.delivery(old).unwrap().is_none());
+    assert!(store.delivery_attempts(old).unwrap().is_empty());
+    assert_eq!(
+        store.delivery(audit).unwrap().unwrap().payload,
+        shared,
+        "a payload another row still uses stays"
+    );
+    assert_eq!(payloads(), 4);
+    for (id, state) in [(dead, "dead"), (retried, "pending"), (recent, "delivered")] {
+        let row = store.delivery(id).unwrap().expect("kept");
+        assert_eq!(row.state.as_str(), state);
+        assert_eq!(store.delivery_attempts(id).unwrap().len(), 1);
+    }
+    assert_eq!(store.purge_finished(10_000, 10).unwrap(), 0, "idempotent");
+
+    // The last row of the shared payload goes: the payload goes with it.
+    let claimed = store
+        .claim_deliveries(&claim("audit", "w2", 2_000, 10))
+        .unwrap();
+    assert_eq!(ids(&claimed), [audit]);
+    store
+        .record_attempts(
+            "audit",
+            "w2",
+            &[attempt(audit, 1, AttemptResult::Delivered)],
+        )
+        .unwrap();
+    assert_eq!(store.purge_finished(10_000, 10).unwrap(), 1);
+    assert_eq!(payloads(), 3);
+    // A later cut-off takes the recent delivered row, a chunk at a time; never the dead one.
+    assert_eq!(store.purge_finished(i64::MAX, 10).unwrap(), 1);
+    assert_eq!(payloads(), 2);
+    assert_eq!(
+        count(&url, "SELECT COUNT(*) FROM delivery_attempts"),
+        2,
+        "the dead and the retried rows keep their attempts"
+    );
 }
