@@ -389,6 +389,8 @@ impl StoreTx for Tx<'_> {
     }
 
     fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
+        // A payload written since the savepoint is gone with it: never reuse its id.
+        self.last_payload = None;
         self.conn
             .execute_batch("ROLLBACK TO event; RELEASE event")?;
         Ok(())
