@@ -425,7 +425,7 @@ mod tests {
 
     impl Change for TestChange {
         fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
-            crate::projection::apply_snapshot(tx, "test", &self.key, json!({"k": self.key}), ctx)?;
+            crate::projection::apply_snapshot(tx, "test", &self.key, &json!({"k": self.key}), ctx)?;
             if self.fail {
                 return Err(ApplyError::Invalid("this event cannot apply".into()));
             }

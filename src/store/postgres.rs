@@ -478,7 +478,10 @@ impl StoreTx for Tx<'_> {
             .transpose()
     }
 
+    /// Locks (kind, key) first, like `get_record`: change detection writes the version it read
+    /// plus one, so without the lock two instances lose a change (and the staleness guard).
     fn get_record_head(&mut self, kind: &str, key: &str) -> Result<Option<RecordHead>, StoreError> {
+        self.lock_key(kind, key)?;
         self.conn
             .query_opt(
                 "SELECT hash, occurred_at, version FROM records WHERE kind = $1 AND key = $2",
