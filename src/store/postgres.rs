@@ -653,6 +653,71 @@ impl StoreTx for Tx<'_> {
         Ok(InboxInsert::Duplicate(row.try_get(0)?))
     }
 
+    /// One `INSERT … SELECT FROM unnest(…)` for the first occurrence of each key in the batch
+    /// (`ON CONFLICT DO NOTHING` waits for another transaction inserting the same key, as a
+    /// single insert does), then one `SELECT` for the keys that were there already.
+    fn insert_inbox_batch(
+        &mut self,
+        entries: &[InboxEntry<'_>],
+    ) -> Result<Vec<InboxInsert>, StoreError> {
+        if entries.len() < 2 {
+            return entries.iter().map(|e| self.insert_inbox(e)).collect();
+        }
+        // The first occurrence of each key is inserted; a later one is its duplicate.
+        let mut first: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+        let mut sources = Vec::with_capacity(entries.len());
+        let (mut kinds, mut entities, mut keys) = (vec![], vec![], vec![]);
+        let (mut occurred, mut received, mut metas, mut raws) = (vec![], vec![], vec![], vec![]);
+        for (i, e) in entries.iter().enumerate() {
+            if first.contains_key(e.dedupe_key) {
+                continue;
+            }
+            first.insert(e.dedupe_key, i);
+            sources.push(e.source);
+            kinds.push(e.kind);
+            entities.push(e.entity);
+            keys.push(e.dedupe_key);
+            occurred.push(e.occurred_at);
+            received.push(e.received_at);
+            metas.push(e.meta);
+            raws.push(e.raw);
+        }
+        let mut answers: HashMap<String, InboxInsert> = HashMap::with_capacity(keys.len());
+        for row in self.conn.query(
+            "INSERT INTO inbox (source, kind, entity, dedupe_key, occurred_at, received_at, meta, raw)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[],
+                                  $6::int8[], $7::text[], $8::bytea[])
+             ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, dedupe_key",
+            &[&sources, &kinds, &entities, &keys, &occurred, &received, &metas, &raws],
+        )? {
+            answers.insert(row.try_get(1)?, InboxInsert::New(row.try_get(0)?));
+        }
+        if answers.len() < keys.len() {
+            let seen: Vec<&str> = keys
+                .iter()
+                .copied()
+                .filter(|k| !answers.contains_key(*k))
+                .collect();
+            for row in self.conn.query(
+                "SELECT id, dedupe_key FROM inbox WHERE dedupe_key = ANY($1::text[])",
+                &[&seen],
+            )? {
+                answers.insert(row.try_get(1)?, InboxInsert::Duplicate(row.try_get(0)?));
+            }
+        }
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match answers.get(e.dedupe_key) {
+                Some(&answer) if first.get(e.dedupe_key) == Some(&i) => Ok(answer),
+                Some(InboxInsert::New(id) | InboxInsert::Duplicate(id)) => {
+                    Ok(InboxInsert::Duplicate(*id))
+                }
+                None => Err(StoreError::Conflict("dedupe key vanished".into())),
+            })
+            .collect()
+    }
+
     /// Two statements for the whole batch: the advisory locks of every key, in the order of
     /// their lock ids (two instances locking overlapping sets cannot deadlock on them; volatile
     /// functions in the select list run after the sort); then, in a statement of its own (its
