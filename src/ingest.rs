@@ -204,19 +204,44 @@ fn commit_batch(store: &dyn Store, routes: &OutboxRoutes, batch: &mut Vec<Job>) 
         let written = std::panic::catch_unwind(AssertUnwindSafe(|| {
             store.write(&mut |tx| {
                 results.clear();
-                for job in batch.iter() {
-                    match ingest_one(tx, routes, &job.envelope, &job.meta_json, isolation)? {
+                let again = || {
+                    StoreError::Failed(
+                        "an event failed: the batch is written again, event by event".into(),
+                    )
+                };
+                // Optimistic: the batch's inbox rows in one go, and its records locked and read
+                // in one go; any failure that is not a lost race means "event by event".
+                let inserted = match isolation {
+                    Isolation::Optimistic => match prepare_batch(tx, batch) {
+                        Ok(inserted) => inserted,
+                        Err(e) if e.is_transient() => return Err(e),
+                        Err(_) => {
+                            event_failed = true;
+                            return Err(again());
+                        }
+                    },
+                    Isolation::Isolated => Vec::new(),
+                };
+                for (i, job) in batch.iter().enumerate() {
+                    let inserted = inserted.get(i).copied();
+                    match ingest_one(tx, routes, job, inserted, isolation)? {
                         Some(result) => results.push(result),
                         None => {
                             event_failed = true;
-                            return Err(StoreError::Failed(
-                                "an event failed: the batch is written again, event by event"
-                                    .into(),
-                            ));
+                            return Err(again());
                         }
                     }
                 }
-                Ok(())
+                // What the store held back is written now, while a failure can still send the
+                // batch to the event-by-event write.
+                match tx.flush() {
+                    Ok(()) => Ok(()),
+                    Err(e) if e.is_transient() || isolation == Isolation::Isolated => Err(e),
+                    Err(_) => {
+                        event_failed = true;
+                        Err(again())
+                    }
+                }
             })
         }))
         .unwrap_or_else(|_| Err(StoreError::Unavailable("ingest writer panicked".into())));
@@ -284,25 +309,54 @@ enum Isolation {
     Isolated,
 }
 
+/// The batch-level half of an optimistic write: every event's inbox row in one call, then every
+/// record the batch says it will touch locked and read in one call (the inbox first, as event
+/// by event: a duplicate of an event another instance is writing waits for it there). Returns
+/// each event's inbox answer, in batch order.
+fn prepare_batch(tx: &mut dyn StoreTx, batch: &[Job]) -> Result<Vec<InboxInsert>, StoreError> {
+    let entries: Vec<InboxEntry<'_>> = batch
+        .iter()
+        .map(|job| inbox_entry(&job.envelope, &job.meta_json))
+        .collect();
+    let inserted = tx.insert_inbox_batch(&entries)?;
+    if inserted.len() != batch.len() {
+        return Err(StoreError::Failed(format!(
+            "{} inbox answers for {} events",
+            inserted.len(),
+            batch.len()
+        )));
+    }
+    let keys: Vec<(&str, &str)> = batch
+        .iter()
+        .flat_map(|job| job.envelope.change.record_keys())
+        .collect();
+    if !keys.is_empty() {
+        tx.prefetch_records(&keys)?;
+    }
+    Ok(inserted)
+}
+
 /// One event inside the batch transaction: a transient store error aborts the batch (`Err`);
 /// any other failure rejects this event only (`Ok(Some(Err(reason)))`) when isolated, or asks
-/// for the isolated write (`Ok(None)`) when optimistic.
+/// for the isolated write (`Ok(None)`) when optimistic. `inserted`: its inbox row, when the
+/// batch inserted it already.
 fn ingest_one(
     tx: &mut dyn StoreTx,
     routes: &OutboxRoutes,
-    env: &Envelope,
-    meta_json: &str,
+    job: &Job,
+    inserted: Option<InboxInsert>,
     isolation: Isolation,
 ) -> Result<Option<EventResult>, StoreError> {
+    let (env, meta_json) = (&job.envelope, job.meta_json.as_str());
     if isolation == Isolation::Optimistic {
-        return match record_event(tx, routes, env, meta_json) {
+        return match record_event(tx, routes, env, meta_json, inserted) {
             Ok(outcome) => Ok(Some(Ok(outcome))),
             Err(ApplyError::Store(e)) if e.is_transient() => Err(e),
             Err(_) => Ok(None),
         };
     }
     tx.savepoint()?;
-    match record_event(tx, routes, env, meta_json) {
+    match record_event(tx, routes, env, meta_json, inserted) {
         Ok(outcome) => {
             tx.release_savepoint()?;
             Ok(Some(Ok(outcome)))
@@ -315,13 +369,8 @@ fn ingest_one(
     }
 }
 
-fn record_event(
-    tx: &mut dyn StoreTx,
-    routes: &OutboxRoutes,
-    env: &Envelope,
-    meta_json: &str,
-) -> Result<IngestOutcome, ApplyError> {
-    let entry = InboxEntry {
+fn inbox_entry<'a>(env: &'a Envelope, meta_json: &'a str) -> InboxEntry<'a> {
+    InboxEntry {
         source: env.source,
         kind: &env.kind,
         entity: &env.entity,
@@ -330,8 +379,22 @@ fn record_event(
         received_at: env.received_at,
         meta: meta_json,
         raw: &env.raw,
+    }
+}
+
+fn record_event(
+    tx: &mut dyn StoreTx,
+    routes: &OutboxRoutes,
+    env: &Envelope,
+    meta_json: &str,
+    inserted: Option<InboxInsert>,
+) -> Result<IngestOutcome, ApplyError> {
+    let entry = inbox_entry(env, meta_json);
+    let inserted = match inserted {
+        Some(inserted) => inserted,
+        None => tx.insert_inbox(&entry)?,
     };
-    match tx.insert_inbox(&entry)? {
+    match inserted {
         InboxInsert::New(inbox_id) => {
             let applied = env.change.apply(tx, &context(env, inbox_id))?;
             tx.set_inbox_outcome(inbox_id, applied.as_str())?;

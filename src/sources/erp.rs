@@ -419,6 +419,14 @@ impl Change for ErpSnapshot {
         self.reapply
     }
 
+    fn record_keys(&self) -> Vec<(&str, &str)> {
+        let kind = match self.feed {
+            Feed::Customer => CUSTOMER,
+            Feed::Subscription => SUBSCRIPTION,
+        };
+        vec![(kind, self.entity.as_str())]
+    }
+
     /// The new snapshot as the event's data; customers also carry a contact view.
     fn outbound(&self) -> Option<Outbound> {
         let contact = match self.feed {

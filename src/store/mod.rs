@@ -136,6 +136,29 @@ pub struct HistoryEntry {
 /// Operations available to projections inside the ingest transaction.
 pub trait StoreTx {
     fn insert_inbox(&mut self, entry: &InboxEntry<'_>) -> Result<InboxInsert, StoreError>;
+    /// Several inbox entries at once: the same answers, in the same order, as calling
+    /// [`StoreTx::insert_inbox`] for each in turn (a key repeated within `entries` is
+    /// `Duplicate` of its first occurrence).
+    fn insert_inbox_batch(
+        &mut self,
+        entries: &[InboxEntry<'_>],
+    ) -> Result<Vec<InboxInsert>, StoreError> {
+        entries.iter().map(|e| self.insert_inbox(e)).collect()
+    }
+    /// Lock and read, ahead of time, records this transaction is about to read-modify-write
+    /// (see [`crate::envelope::Change::record_keys`]). A backend may then answer
+    /// `get_record_head` for them from memory and hold back writes to them (and inbox outcomes)
+    /// until [`StoreTx::flush`]; reads inside the transaction always see its own writes.
+    /// Default: nothing to do (each record is locked and read when asked for).
+    fn prefetch_records(&mut self, _keys: &[(&str, &str)]) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// Write whatever is held back. The backend flushes before commit anyway; the ingest
+    /// pipeline calls it itself so that a failing write is seen while it can still write the
+    /// batch again event by event. Default: nothing held back.
+    fn flush(&mut self) -> Result<(), StoreError> {
+        Ok(())
+    }
     fn set_inbox_outcome(&mut self, id: i64, outcome: &str) -> Result<(), StoreError>;
     fn get_record(&mut self, kind: &str, key: &str) -> Result<Option<Record>, StoreError>;
     /// Hash, time and version of a record (locks it like `get_record` does).

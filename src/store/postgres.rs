@@ -7,12 +7,21 @@
 //! - a read-modify-write of a record takes a transaction-scoped advisory lock on (kind, key)
 //!   first (it covers records that do not exist yet, which a row lock cannot), so two instances
 //!   changing one customer serialise instead of losing an update; creations are insert-only;
+//! - the ingest writer names the records a batch will touch up front
+//!   ([`StoreTx::prefetch_records`]): their advisory locks are taken in one statement, in lock-id
+//!   order (two instances locking overlapping batches cannot deadlock on them), and their heads
+//!   read in the next statement; change detection then runs from memory, and the batch's record
+//!   writes and inbox outcomes are held back and written set-based in one statement before commit
+//!   (or before a savepoint, or a read that needs them). Round trips per batch, not per event;
 //! - deadlocks and serialization failures are [`StoreError::Conflict`]: the ingest writer retries
 //!   the batch;
 //! - migrations run under a session advisory lock, so `subgate migrate` is safe from several
 //!   instances at once.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Mutex,
+};
 
 use postgres::{error::SqlState, types::ToSql, Client, NoTls, Row, Statement};
 use serde_json::Value;
@@ -411,11 +420,77 @@ impl PostgresStore {
     }
 }
 
+/// `(kind, key)` of a record.
+type RecordKey = (String, String);
+
+fn record_key(kind: &str, key: &str) -> RecordKey {
+    (kind.to_owned(), key.to_owned())
+}
+
+/// A record this transaction locked and read ahead ([`StoreTx::prefetch_records`]).
+#[derive(Debug, Clone)]
+struct Known {
+    /// As this transaction sees it now, its own held-back writes included; `None`: no record.
+    head: Option<RecordHead>,
+    /// Whether the row exists as this transaction's statements see it (flushed writes
+    /// included): a held-back put of a record not stored yet is a creation, insert-only.
+    stored: bool,
+}
+
+/// A record row held back, owning its values.
+#[derive(Debug, Clone)]
+struct HeldRow {
+    doc: String,
+    hash: String,
+    occurred_at: Option<i64>,
+    changed_at: i64,
+    changed_by: i64,
+    seen_at: i64,
+    seen_by: i64,
+    version: i64,
+}
+
+/// The last write held back for one known record.
+#[derive(Debug, Clone)]
+enum Held {
+    Put(HeldRow),
+    Touch {
+        seen_at: i64,
+        seen_by: i64,
+        occurred_at: Option<i64>,
+    },
+}
+
 struct Tx<'c> {
     conn: &'c mut Conn,
     /// The last outbox payload written and its id: the rows of one event for several
     /// destinations share it.
     last_payload: Option<(String, i64)>,
+    /// Records locked and read ahead by `prefetch_records`. Only these are answered from memory
+    /// and have writes held back; every other record takes the statement-per-call path.
+    known: HashMap<RecordKey, Known>,
+    /// Record writes held back until `flush`, the last per key (ordered: a flush touches rows in
+    /// a fixed order).
+    held: BTreeMap<RecordKey, Held>,
+    /// Inbox outcomes held back until `flush` (only once `prefetch_records` ran).
+    held_outcomes: Vec<(i64, String)>,
+    batching: bool,
+    /// `known` as it was at each open savepoint (a rollback restores it).
+    savepoints: Vec<HashMap<RecordKey, Known>>,
+}
+
+impl<'c> Tx<'c> {
+    fn new(conn: &'c mut Conn) -> Self {
+        Tx {
+            conn,
+            last_payload: None,
+            known: HashMap::new(),
+            held: BTreeMap::new(),
+            held_outcomes: Vec::new(),
+            batching: false,
+            savepoints: Vec::new(),
+        }
+    }
 }
 
 impl Tx<'_> {
@@ -425,6 +500,135 @@ impl Tx<'_> {
             "SELECT pg_advisory_xact_lock(hashtextextended($1 || chr(31) || $2, 0))",
             &[&kind, &key],
         )?;
+        Ok(())
+    }
+
+    /// Write the held-back record writes and inbox outcomes, all in one statement (data-modifying
+    /// CTEs over arrays; the four touch disjoint rows).
+    fn flush_held(&mut self) -> Result<(), StoreError> {
+        if self.held.is_empty() && self.held_outcomes.is_empty() {
+            return Ok(());
+        }
+        #[derive(Default)]
+        struct Rows<'a> {
+            kinds: Vec<&'a str>,
+            keys: Vec<&'a str>,
+            docs: Vec<&'a str>,
+            hashes: Vec<&'a str>,
+            occurred: Vec<Option<i64>>,
+            changed_at: Vec<i64>,
+            changed_by: Vec<i64>,
+            seen_at: Vec<i64>,
+            seen_by: Vec<i64>,
+            versions: Vec<i64>,
+        }
+        impl<'a> Rows<'a> {
+            fn push(&mut self, (kind, key): &'a RecordKey, r: &'a HeldRow) {
+                self.kinds.push(kind);
+                self.keys.push(key);
+                self.docs.push(&r.doc);
+                self.hashes.push(&r.hash);
+                self.occurred.push(r.occurred_at);
+                self.changed_at.push(r.changed_at);
+                self.changed_by.push(r.changed_by);
+                self.seen_at.push(r.seen_at);
+                self.seen_by.push(r.seen_by);
+                self.versions.push(r.version);
+            }
+        }
+        let (mut created, mut updated) = (Rows::default(), Rows::default());
+        let (mut t_kinds, mut t_keys) = (Vec::<&str>::new(), Vec::<&str>::new());
+        let (mut t_seen_at, mut t_seen_by, mut t_occurred) = (vec![], vec![], vec![]);
+        for (k, held) in &self.held {
+            match held {
+                Held::Put(row) => {
+                    if self.known.get(k).is_some_and(|known| known.stored) {
+                        updated.push(k, row);
+                    } else {
+                        created.push(k, row);
+                    }
+                }
+                Held::Touch {
+                    seen_at,
+                    seen_by,
+                    occurred_at,
+                } => {
+                    t_kinds.push(&k.0);
+                    t_keys.push(&k.1);
+                    t_seen_at.push(*seen_at);
+                    t_seen_by.push(*seen_by);
+                    t_occurred.push(*occurred_at);
+                }
+            }
+        }
+        // One outcome per inbox row: the last.
+        let mut outcomes: HashMap<i64, &str> = HashMap::new();
+        for (id, outcome) in &self.held_outcomes {
+            outcomes.insert(*id, outcome);
+        }
+        let (o_ids, o_outcomes): (Vec<i64>, Vec<&str>) = outcomes.into_iter().unzip();
+        let row = self
+            .conn
+            .query_opt(
+                "WITH created AS (
+                   INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[],
+                                        $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[])
+                   ON CONFLICT (kind, key) DO NOTHING
+                   RETURNING 1
+                 ), updated AS (
+                   INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
+                   SELECT * FROM unnest($11::text[], $12::text[], $13::text[], $14::text[], $15::int8[],
+                                        $16::int8[], $17::int8[], $18::int8[], $19::int8[], $20::int8[])
+                   ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc, hash = excluded.hash,
+                     occurred_at = excluded.occurred_at, changed_at = excluded.changed_at,
+                     changed_by = excluded.changed_by, seen_at = excluded.seen_at,
+                     seen_by = excluded.seen_by, version = excluded.version
+                   RETURNING 1
+                 ), touched AS (
+                   UPDATE records r SET seen_at = t.seen_at, seen_by = t.seen_by, occurred_at = t.occurred_at
+                   FROM unnest($21::text[], $22::text[], $23::int8[], $24::int8[], $25::int8[])
+                        AS t(kind, key, seen_at, seen_by, occurred_at)
+                   WHERE r.kind = t.kind AND r.key = t.key
+                   RETURNING 1
+                 ), outcomes AS (
+                   UPDATE inbox i SET outcome = o.outcome
+                   FROM unnest($26::int8[], $27::text[]) AS o(id, outcome)
+                   WHERE i.id = o.id
+                   RETURNING 1
+                 )
+                 SELECT (SELECT count(*) FROM created), (SELECT count(*) FROM updated),
+                        (SELECT count(*) FROM touched), (SELECT count(*) FROM outcomes)",
+                &[
+                    &created.kinds, &created.keys, &created.docs, &created.hashes,
+                    &created.occurred, &created.changed_at, &created.changed_by,
+                    &created.seen_at, &created.seen_by, &created.versions,
+                    &updated.kinds, &updated.keys, &updated.docs, &updated.hashes,
+                    &updated.occurred, &updated.changed_at, &updated.changed_by,
+                    &updated.seen_at, &updated.seen_by, &updated.versions,
+                    &t_kinds, &t_keys, &t_seen_at, &t_seen_by, &t_occurred,
+                    &o_ids, &o_outcomes,
+                ],
+            )?
+            .ok_or_else(|| StoreError::Failed("no row from the flush".into()))?;
+        let inserted: i64 = row.try_get(0)?;
+        if inserted != created.kinds.len() as i64 {
+            // A record appeared although this transaction holds its lock and read it absent:
+            // a writer that did not lock it first. As in `put_record_row`: a lost race.
+            return Err(StoreError::Conflict(format!(
+                "{} of {} records were created concurrently",
+                created.kinds.len() as i64 - inserted,
+                created.kinds.len()
+            )));
+        }
+        drop(created);
+        drop(updated);
+        for (k, held) in std::mem::take(&mut self.held) {
+            if let (Held::Put(_), Some(known)) = (held, self.known.get_mut(&k)) {
+                known.stored = true;
+            }
+        }
+        self.held_outcomes.clear();
         Ok(())
     }
 }
@@ -450,8 +654,139 @@ impl StoreTx for Tx<'_> {
         Ok(InboxInsert::Duplicate(row.try_get(0)?))
     }
 
+    /// One `INSERT … SELECT FROM unnest(…)` for the first occurrence of each key in the batch
+    /// (`ON CONFLICT DO NOTHING` waits for another transaction inserting the same key, as a
+    /// single insert does), then one `SELECT` for the keys that were there already.
+    fn insert_inbox_batch(
+        &mut self,
+        entries: &[InboxEntry<'_>],
+    ) -> Result<Vec<InboxInsert>, StoreError> {
+        if entries.len() < 2 {
+            return entries.iter().map(|e| self.insert_inbox(e)).collect();
+        }
+        // The first occurrence of each key is inserted; a later one is its duplicate.
+        let mut first: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+        let mut sources = Vec::with_capacity(entries.len());
+        let (mut kinds, mut entities, mut keys) = (vec![], vec![], vec![]);
+        let (mut occurred, mut received, mut metas, mut raws) = (vec![], vec![], vec![], vec![]);
+        for (i, e) in entries.iter().enumerate() {
+            if first.contains_key(e.dedupe_key) {
+                continue;
+            }
+            first.insert(e.dedupe_key, i);
+            sources.push(e.source);
+            kinds.push(e.kind);
+            entities.push(e.entity);
+            keys.push(e.dedupe_key);
+            occurred.push(e.occurred_at);
+            received.push(e.received_at);
+            metas.push(e.meta);
+            raws.push(e.raw);
+        }
+        let mut answers: HashMap<String, InboxInsert> = HashMap::with_capacity(keys.len());
+        for row in self.conn.query(
+            "INSERT INTO inbox (source, kind, entity, dedupe_key, occurred_at, received_at, meta, raw)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[],
+                                  $6::int8[], $7::text[], $8::bytea[])
+             ON CONFLICT (dedupe_key) DO NOTHING RETURNING id, dedupe_key",
+            &[&sources, &kinds, &entities, &keys, &occurred, &received, &metas, &raws],
+        )? {
+            answers.insert(row.try_get(1)?, InboxInsert::New(row.try_get(0)?));
+        }
+        if answers.len() < keys.len() {
+            let seen: Vec<&str> = keys
+                .iter()
+                .copied()
+                .filter(|k| !answers.contains_key(*k))
+                .collect();
+            for row in self.conn.query(
+                "SELECT id, dedupe_key FROM inbox WHERE dedupe_key = ANY($1::text[])",
+                &[&seen],
+            )? {
+                answers.insert(row.try_get(1)?, InboxInsert::Duplicate(row.try_get(0)?));
+            }
+        }
+        entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| match answers.get(e.dedupe_key) {
+                Some(&answer) if first.get(e.dedupe_key) == Some(&i) => Ok(answer),
+                Some(InboxInsert::New(id) | InboxInsert::Duplicate(id)) => {
+                    Ok(InboxInsert::Duplicate(*id))
+                }
+                None => Err(StoreError::Conflict("dedupe key vanished".into())),
+            })
+            .collect()
+    }
+
+    /// Two statements for the whole batch: the advisory locks of every key, in the order of
+    /// their lock ids (two instances locking overlapping sets cannot deadlock on them; volatile
+    /// functions in the select list run after the sort); then, in a statement of its own (its
+    /// snapshot must postdate the lock waits), the heads of those records. Afterwards
+    /// `get_record_head` answers them from memory, and their writes and the inbox outcomes are
+    /// held back until `flush`.
+    fn prefetch_records(&mut self, keys: &[(&str, &str)]) -> Result<(), StoreError> {
+        self.batching = true;
+        let mut seen = HashSet::with_capacity(keys.len());
+        let (mut kinds, mut names) = (vec![], vec![]);
+        for &(kind, key) in keys {
+            if seen.insert((kind, key)) && !self.known.contains_key(&record_key(kind, key)) {
+                kinds.push(kind);
+                names.push(key);
+            }
+        }
+        if kinds.is_empty() {
+            return Ok(());
+        }
+        self.conn.query(
+            "SELECT pg_advisory_xact_lock(h)
+             FROM (SELECT hashtextextended(k || chr(31) || key, 0) AS h
+                   FROM unnest($1::text[], $2::text[]) AS u(k, key)) ids
+             ORDER BY h",
+            &[&kinds, &names],
+        )?;
+        let rows = self.conn.query(
+            "SELECT r.kind, r.key, r.hash, r.occurred_at, r.version
+             FROM unnest($1::text[], $2::text[]) AS u(kind, key)
+             JOIN records r ON r.kind = u.kind AND r.key = u.key",
+            &[&kinds, &names],
+        )?;
+        for (kind, key) in kinds.iter().zip(&names) {
+            self.known.insert(
+                record_key(kind, key),
+                Known {
+                    head: None,
+                    stored: false,
+                },
+            );
+        }
+        for row in rows {
+            let k: RecordKey = (row.try_get(0)?, row.try_get(1)?);
+            self.known.insert(
+                k,
+                Known {
+                    head: Some(RecordHead {
+                        hash: row.try_get(2)?,
+                        occurred_at: row.try_get(3)?,
+                        version: row.try_get(4)?,
+                    }),
+                    stored: true,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        self.flush_held()
+    }
+
     fn set_inbox_outcome(&mut self, id: i64, outcome: &str) -> Result<(), StoreError> {
         if outcome == "applied" {
+            return Ok(());
+        }
+        if self.batching {
+            self.held_outcomes.push((id, outcome.to_owned()));
             return Ok(());
         }
         self.conn.execute(
@@ -468,7 +803,32 @@ impl StoreTx for Tx<'_> {
     /// own statement: under READ COMMITTED a statement's snapshot is taken when it starts, so a
     /// read in the same statement as the lock wait would miss what the lock holder committed.
     fn get_record(&mut self, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {
-        self.lock_key(kind, key)?;
+        let k = record_key(kind, key);
+        match self.known.get(&k).map(|known| known.head.is_some()) {
+            // Not locked yet: lock, then read in a statement of its own.
+            None => self.lock_key(kind, key)?,
+            // Locked and read ahead: no such record (a put would have made a head).
+            Some(false) => return Ok(None),
+            Some(true) => {
+                if let Some(Held::Put(r)) = self.held.get(&k) {
+                    // What this transaction wrote last.
+                    return Ok(Some(Record {
+                        kind: k.0,
+                        key: k.1,
+                        doc: from_json(&r.doc),
+                        hash: r.hash.clone(),
+                        occurred_at: r.occurred_at,
+                        changed_at: r.changed_at,
+                        changed_by: r.changed_by,
+                        seen_at: r.seen_at,
+                        seen_by: r.seen_by,
+                        version: r.version,
+                    }));
+                }
+                // The statement must see a held-back touch.
+                self.flush_held()?;
+            }
+        }
         self.conn
             .query_opt(
                 "SELECT kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version
@@ -482,6 +842,9 @@ impl StoreTx for Tx<'_> {
     /// Locks (kind, key) first, like `get_record`: change detection writes the version it read
     /// plus one, so without the lock two instances lose a change (and the staleness guard).
     fn get_record_head(&mut self, kind: &str, key: &str) -> Result<Option<RecordHead>, StoreError> {
+        if let Some(known) = self.known.get(&record_key(kind, key)) {
+            return Ok(known.head.clone());
+        }
         self.lock_key(kind, key)?;
         self.conn
             .query_opt(
@@ -502,6 +865,34 @@ impl StoreTx for Tx<'_> {
     /// did not read it first) is a `Conflict` rather than silently overwritten. Later versions
     /// replace a row this transaction locked when it read it.
     fn put_record_row(&mut self, r: &RecordRow<'_>) -> Result<(), StoreError> {
+        let k = record_key(r.kind, r.key);
+        if let Some(known) = self.known.get_mut(&k) {
+            if r.version == 1 && known.head.is_some() {
+                return Err(StoreError::Conflict(format!(
+                    "record {}/{} was created concurrently",
+                    r.kind, r.key
+                )));
+            }
+            known.head = Some(RecordHead {
+                hash: r.hash.to_owned(),
+                occurred_at: r.occurred_at,
+                version: r.version,
+            });
+            self.held.insert(
+                k,
+                Held::Put(HeldRow {
+                    doc: r.doc_json.to_owned(),
+                    hash: r.hash.to_owned(),
+                    occurred_at: r.occurred_at,
+                    changed_at: r.changed_at,
+                    changed_by: r.changed_by,
+                    seen_at: r.seen_at,
+                    seen_by: r.seen_by,
+                    version: r.version,
+                }),
+            );
+            return Ok(());
+        }
         if r.version == 1 {
             let inserted = self.conn.execute(
                 "INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
@@ -537,6 +928,32 @@ impl StoreTx for Tx<'_> {
         seen_by: i64,
         occurred_at: Option<i64>,
     ) -> Result<(), StoreError> {
+        let k = record_key(kind, key);
+        if let Some(known) = self.known.get_mut(&k) {
+            let Some(head) = known.head.as_mut() else {
+                // Like the UPDATE: no record, nothing to touch.
+                return Ok(());
+            };
+            head.occurred_at = occurred_at;
+            match self.held.get_mut(&k) {
+                Some(Held::Put(row)) => {
+                    row.seen_at = seen_at;
+                    row.seen_by = seen_by;
+                    row.occurred_at = occurred_at;
+                }
+                _ => {
+                    self.held.insert(
+                        k,
+                        Held::Touch {
+                            seen_at,
+                            seen_by,
+                            occurred_at,
+                        },
+                    );
+                }
+            }
+            return Ok(());
+        }
         self.conn.execute(
             "UPDATE records SET seen_at = $3, seen_by = $4, occurred_at = $5 WHERE kind = $1 AND key = $2",
             &[&kind, &key, &seen_at, &seen_by, &occurred_at],
@@ -617,19 +1034,30 @@ impl StoreTx for Tx<'_> {
 
     // Savepoint commands use the simple-query protocol: after a failed statement the transaction
     // refuses to prepare anything, including the ROLLBACK TO that would repair it.
+    //
+    // Held-back writes are flushed before a savepoint, so whatever is held back while it is
+    // open came after it: a rollback drops it and restores `known` as it was.
     fn savepoint(&mut self) -> Result<(), StoreError> {
+        self.flush_held()?;
         self.conn.client.batch_execute("SAVEPOINT event")?;
+        self.savepoints.push(self.known.clone());
         Ok(())
     }
 
     fn release_savepoint(&mut self) -> Result<(), StoreError> {
         self.conn.client.batch_execute("RELEASE SAVEPOINT event")?;
+        self.savepoints.pop();
         Ok(())
     }
 
     fn rollback_to_savepoint(&mut self) -> Result<(), StoreError> {
         // A payload written since the savepoint is gone with it: never reuse its id.
         self.last_payload = None;
+        self.held.clear();
+        self.held_outcomes.clear();
+        if let Some(known) = self.savepoints.pop() {
+            self.known = known;
+        }
         self.conn
             .client
             .batch_execute("ROLLBACK TO SAVEPOINT event; RELEASE SAVEPOINT event")?;
@@ -681,10 +1109,10 @@ impl Store for PostgresStore {
     ) -> Result<(), StoreError> {
         self.with_writer(|conn| {
             conn.client.batch_execute("BEGIN")?;
-            let result = f(&mut Tx {
-                conn: &mut *conn,
-                last_payload: None,
-            });
+            let result = {
+                let mut tx = Tx::new(&mut *conn);
+                f(&mut tx).and_then(|()| tx.flush_held())
+            };
             match result {
                 Ok(()) => conn.client.batch_execute("COMMIT").map_err(|e| {
                     let e = StoreError::from(e);

@@ -1,16 +1,21 @@
 //! One conformance suite for every store backend: each behaviour runs against SQLite and
 //! against the PostgreSQL server on this machine, each test in its own database.
 
-use std::sync::Arc;
+use std::sync::{
+    atomic::{AtomicUsize, Ordering},
+    Arc,
+};
 
 use serde_json::json;
 use subgate::{
     consent::{record_consent, Channel, ConsentChange, ConsentState, Normaliser},
-    envelope::{Applied, ApplyContext},
+    envelope::{Applied, ApplyContext, ApplyError, Change, Envelope},
+    ingest::{IngestError, IngestOutcome, IngestStatus},
     projection::apply_snapshot,
     store::{
         AttemptRecord, AttemptResult, ClaimRequest, DeliveryFilter, DeliveryState, HistoryEntry,
-        InboxEntry, InboxInsert, NewOutboxRow, ReplayRequest, Store, StoreError,
+        InboxEntry, InboxInsert, NewOutboxRow, RecordHead, ReplayRequest, Store, StoreError,
+        StoreTx,
     },
 };
 
@@ -99,6 +104,10 @@ on_both_backends!(
     concurrent_migrations_apply_each_version_once,
     concurrent_read_modify_writes_of_one_record_lose_no_update,
     concurrent_snapshots_of_one_record_lose_no_version,
+    a_batch_inbox_insert_answers_as_one_insert_after_another,
+    prefetched_records_read_their_own_writes_and_savepoints_undo_them,
+    stores_prefetching_overlapping_keys_concurrently_neither_deadlock_nor_lose_updates,
+    an_ingest_batch_with_repeated_keys_ends_as_event_by_event,
     consent_ledger_records_changes_and_ignores_stale_ones,
     outbox_rows_are_claimed_then_delivered_retried_or_dead_and_dead_rows_replay,
     an_expired_lease_is_taken_over_and_the_old_owner_can_no_longer_record,
@@ -367,6 +376,382 @@ fn concurrent_snapshots_of_one_record_lose_no_version(backend: Backend) {
     assert_eq!(changed, 2 * EACH);
     let r = open(&url).get_record("snap", "s").unwrap().expect("record");
     assert_eq!(r.version, 2 * EACH);
+}
+
+fn a_batch_inbox_insert_answers_as_one_insert_after_another(backend: Backend) {
+    let (store, _) = fresh_store(backend);
+    let meta = json!({}).to_string();
+    let mut earlier = None;
+    store
+        .write(&mut |tx| {
+            earlier = Some(tx.insert_inbox(&entry("old", b"0", &meta))?);
+            Ok(())
+        })
+        .unwrap();
+    let Some(InboxInsert::New(old)) = earlier else {
+        panic!("{earlier:?}")
+    };
+    let mut answers = vec![];
+    store
+        .write(&mut |tx| {
+            answers = tx.insert_inbox_batch(&[
+                entry("a", b"1", &meta),
+                entry("old", b"2", &meta),
+                entry("b", b"3", &meta),
+                entry("a", b"4", &meta),
+                entry("old", b"5", &meta),
+            ])?;
+            Ok(())
+        })
+        .unwrap();
+    let (InboxInsert::New(a), InboxInsert::New(b)) = (answers[0], answers[2]) else {
+        panic!("{answers:?}")
+    };
+    assert_eq!(
+        answers,
+        vec![
+            InboxInsert::New(a),
+            InboxInsert::Duplicate(old),
+            InboxInsert::New(b),
+            InboxInsert::Duplicate(a),
+            InboxInsert::Duplicate(old),
+        ]
+    );
+    assert!(a > old && b > a, "ids in batch order: {old} {a} {b}");
+    // The first occurrence's bytes are the ones kept.
+    assert_eq!(store.inbox_event(a).unwrap().unwrap().raw, b"1");
+    assert_eq!(store.inbox_stats(Some("test")).unwrap().events, 3);
+}
+
+fn head(tx: &mut dyn StoreTx, key: &str) -> Option<RecordHead> {
+    tx.get_record_head("k", key).unwrap()
+}
+
+/// Once records are prefetched, a backend may answer from memory and hold writes back: every
+/// read inside the transaction still sees the transaction's own writes, a rollback to a
+/// savepoint forgets what came after it, and everything is written at commit.
+fn prefetched_records_read_their_own_writes_and_savepoints_undo_them(backend: Backend) {
+    let (store, _) = fresh_store(backend);
+    let (a, b, c) = (json!({"n": "A"}), json!({"n": "B"}), json!({"n": "C"}));
+    let meta = json!({}).to_string();
+    // "2" exists before the batch; "1" and "3" do not.
+    store
+        .write(&mut |tx| {
+            apply_snapshot(tx, "k", "2", &a, &ctx(1, Some(10)))?;
+            Ok(())
+        })
+        .unwrap();
+    let mut noop_inbox = 0;
+    store
+        .write(&mut |tx| {
+            tx.prefetch_records(&[("k", "1"), ("k", "2"), ("k", "1"), ("k", "3")])?;
+            // A creation, read back whole and by head.
+            assert_eq!(
+                apply_snapshot(tx, "k", "1", &a, &ctx(11, Some(100)))?,
+                Applied::Changed
+            );
+            let r = tx.get_record("k", "1")?.expect("read your write");
+            assert_eq!((r.doc.clone(), r.version, r.changed_by), (a.clone(), 1, 11));
+            // The same snapshot again: a no-op that only moves "last seen" (on the held row).
+            assert_eq!(
+                apply_snapshot(tx, "k", "1", &a, &ctx(12, Some(110)))?,
+                Applied::NoOp
+            );
+            let r = tx.get_record("k", "1")?.expect("still there");
+            assert_eq!((r.version, r.seen_by, r.occurred_at), (1, 12, Some(110)));
+            assert_eq!(
+                apply_snapshot(tx, "k", "1", &b, &ctx(13, Some(120)))?,
+                Applied::Changed
+            );
+            assert_eq!(head(tx, "1").map(|h| h.version), Some(2));
+            // Older than what the transaction itself wrote: stale.
+            assert_eq!(
+                apply_snapshot(tx, "k", "1", &c, &ctx(14, Some(90)))?,
+                Applied::Stale
+            );
+
+            // An existing record: a no-op touch, then a full read must see it.
+            assert_eq!(
+                apply_snapshot(tx, "k", "2", &a, &ctx(15, Some(20)))?,
+                Applied::NoOp
+            );
+            let r = tx.get_record("k", "2")?.expect("existing");
+            assert_eq!((r.version, r.seen_by, r.changed_by), (1, 15, 1));
+            assert_eq!(r.occurred_at, Some(20));
+            // PostgreSQL refuses to create an existing record, prefetched or not (creations
+            // are insert-only there; SQLite's single writer needs no such guard).
+            if matches!(backend, Backend::Postgres) {
+                let mut again = r.clone();
+                again.version = 1;
+                assert!(matches!(
+                    tx.put_record(&again),
+                    Err(StoreError::Conflict(_))
+                ));
+            }
+
+            // A key never prefetched takes the ordinary path, next to held-back writes.
+            assert_eq!(
+                apply_snapshot(tx, "k", "4", &c, &ctx(16, None))?,
+                Applied::Changed
+            );
+            assert!(tx.get_record("k", "3")?.is_none());
+            assert!(head(tx, "3").is_none());
+
+            // Savepoints: what follows one is undone by the rollback, in memory too.
+            tx.savepoint()?;
+            assert_eq!(
+                apply_snapshot(tx, "k", "1", &c, &ctx(17, Some(130)))?,
+                Applied::Changed
+            );
+            assert_eq!(
+                apply_snapshot(tx, "k", "3", &c, &ctx(17, None))?,
+                Applied::Changed
+            );
+            assert_eq!(head(tx, "1").map(|h| h.version), Some(3));
+            tx.rollback_to_savepoint()?;
+            assert_eq!(head(tx, "1").map(|h| h.version), Some(2));
+            assert!(head(tx, "3").is_none());
+            assert_eq!(tx.get_record("k", "1")?.map(|r| r.doc), Some(b.clone()));
+            // ...and a released savepoint keeps it.
+            tx.savepoint()?;
+            assert_eq!(
+                apply_snapshot(tx, "k", "3", &c, &ctx(18, None))?,
+                Applied::Changed
+            );
+            tx.release_savepoint()?;
+            assert_eq!(head(tx, "3").map(|h| h.version), Some(1));
+
+            // Inbox outcomes held back are written too.
+            let InboxInsert::New(id) = tx.insert_inbox(&entry("noop", b"x", &meta))? else {
+                panic!("new")
+            };
+            noop_inbox = id;
+            tx.set_inbox_outcome(id, "noop")?;
+            Ok(())
+        })
+        .unwrap();
+    let get = |key: &str| store.get_record("k", key).unwrap().expect(key);
+    let r1 = get("1");
+    assert_eq!((r1.doc, r1.version), (b.clone(), 2));
+    assert_eq!(
+        (r1.changed_by, r1.seen_by, r1.occurred_at),
+        (13, 13, Some(120))
+    );
+    let r2 = get("2");
+    assert_eq!((r2.version, r2.changed_by, r2.seen_by), (1, 1, 15));
+    assert_eq!(r2.occurred_at, Some(20));
+    let r3 = get("3");
+    assert_eq!((r3.doc, r3.version, r3.changed_by), (c.clone(), 1, 18));
+    assert_eq!(get("4").doc, c);
+    assert_eq!(
+        store.inbox_event(noop_inbox).unwrap().unwrap().outcome,
+        "noop"
+    );
+
+    // A batch that fails after prefetching leaves nothing behind.
+    let failed = store.write(&mut |tx| {
+        tx.prefetch_records(&[("k", "5")])?;
+        apply_snapshot(tx, "k", "5", &a, &ctx(20, None))?;
+        Err(StoreError::Failed("abandon".into()))
+    });
+    assert!(failed.is_err());
+    assert!(store.get_record("k", "5").unwrap().is_none());
+}
+
+/// Two instances writing batches over overlapping key sets, each listing its keys in its own
+/// order: no deadlock (the locks are taken in one global order), no lost update.
+fn stores_prefetching_overlapping_keys_concurrently_neither_deadlock_nor_lose_updates(
+    backend: Backend,
+) {
+    let (_, url) = fresh_store(backend);
+    const BATCHES: i64 = 40;
+    const KEYS: usize = 12;
+    let conflicts = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for worker in 0..2i64 {
+            let (url, conflicts) = (url.clone(), &conflicts);
+            s.spawn(move || {
+                let store = open(&url);
+                let mut keys: Vec<String> = (0..KEYS).map(|k| k.to_string()).collect();
+                if worker == 1 {
+                    keys.reverse();
+                }
+                for batch in 0..BATCHES {
+                    loop {
+                        let result = store.write(&mut |tx| {
+                            let wanted: Vec<(&str, &str)> =
+                                keys.iter().map(|k| ("ov", k.as_str())).collect();
+                            tx.prefetch_records(&wanted)?;
+                            for (i, k) in keys.iter().enumerate() {
+                                let doc = json!({ "worker": worker, "batch": batch });
+                                let id = worker * 100_000 + batch * 100 + i as i64;
+                                let applied = apply_snapshot(tx, "ov", k, &doc, &ctx(id, None))?;
+                                assert_eq!(applied, Applied::Changed);
+                            }
+                            tx.flush()
+                        });
+                        match result {
+                            Ok(()) => break,
+                            Err(StoreError::Conflict(_)) => {
+                                conflicts.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(StoreError::Unavailable(_)) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(
+        conflicts.load(Ordering::Relaxed),
+        0,
+        "no deadlock, no lost race"
+    );
+    let store = open(&url);
+    for k in 0..KEYS {
+        let r = store
+            .get_record("ov", &k.to_string())
+            .unwrap()
+            .expect("record");
+        assert_eq!(r.version, 2 * BATCHES, "key {k}");
+    }
+}
+
+/// A snapshot test change: applies `doc` to ("t", key), declares that key up front, and fails
+/// after applying when asked to (the batch is then written again event by event).
+struct Snap {
+    key: &'static str,
+    doc: serde_json::Value,
+    fail: bool,
+}
+
+impl Change for Snap {
+    fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
+        let applied = apply_snapshot(tx, "t", self.key, &self.doc, ctx)?;
+        if self.fail {
+            return Err(ApplyError::Invalid("this event cannot apply".into()));
+        }
+        Ok(applied)
+    }
+
+    fn is_snapshot(&self) -> bool {
+        true
+    }
+
+    fn record_keys(&self) -> Vec<(&str, &str)> {
+        vec![("t", self.key)]
+    }
+}
+
+fn snap(key: &'static str, dedupe: &str, name: &str, occurred_at: Option<i64>) -> Envelope {
+    Envelope {
+        source: "test",
+        kind: "thing.changed".into(),
+        entity: key.into(),
+        dedupe_key: dedupe.into(),
+        occurred_at,
+        received_at: 1_000,
+        raw: name.as_bytes().to_vec(),
+        meta: json!({}),
+        change: Box::new(Snap {
+            key,
+            doc: json!({ "name": name }),
+            fail: name == "bad",
+        }),
+    }
+}
+
+/// Through the ingest pipeline, every event in ONE batch: repeated keys, re-applied snapshots
+/// (A → B → A), a re-applied no-op, stale and no-op events; once optimistic, once with a
+/// failing event that sends the batch to the event-by-event write. Same answers both ways.
+fn an_ingest_batch_with_repeated_keys_ends_as_event_by_event(backend: Backend) {
+    for with_failure in [false, true] {
+        let (store, _) = fresh_store(backend);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let settings = subgate::config::IngestSettings {
+            batch_max: 64,
+            // Long enough for every event to share one batch.
+            batch_wait_ms: 300,
+            queue_capacity: 64,
+            max_message_bytes: 1024,
+            store_retry_ms: 10,
+        };
+        let results: Vec<Result<IngestOutcome, IngestError>> = runtime.block_on(async {
+            let (ingest, writer) =
+                subgate::ingest::start(store.clone(), &settings, runtime.handle().clone());
+            let mut events = vec![
+                snap("k1", "d1", "A", None),
+                snap("k1", "d2", "B", None),
+                // d1 again: the state moved on, so A is applied again (own inbox row)...
+                snap("k1", "d1", "A", None),
+                // ...and once more: now a duplicate.
+                snap("k1", "d1", "A", None),
+                snap("k2", "d5", "X", Some(100)),
+                snap("k2", "d6", "Y", Some(50)),
+                snap("k2", "d7", "X", Some(110)),
+                snap("k3", "d8", "Z", None),
+                snap("k3", "d8", "Z", None),
+            ];
+            if with_failure {
+                events.insert(5, snap("k2", "bad", "bad", Some(120)));
+            }
+            let mut replies = vec![];
+            for e in events {
+                replies.push(ingest.enqueue(e).await.unwrap());
+            }
+            let mut results = vec![];
+            for r in replies {
+                results.push(r.await.unwrap());
+            }
+            drop(ingest);
+            tokio::task::spawn_blocking(move || writer.join())
+                .await
+                .unwrap();
+            results
+        });
+        let mut results: Vec<_> = results.into_iter().collect();
+        if with_failure {
+            let bad = results.remove(5);
+            assert!(
+                matches!(&bad, Err(IngestError::Rejected { reason, .. }) if reason.contains("cannot apply")),
+                "{bad:?}"
+            );
+        }
+        let outcomes: Vec<IngestOutcome> =
+            results.into_iter().map(|r| r.expect("committed")).collect();
+        use IngestStatus::*;
+        assert_eq!(
+            outcomes.iter().map(|o| o.status).collect::<Vec<_>>(),
+            vec![Applied, Applied, Applied, Duplicate, Applied, Stale, NoOp, Applied, Duplicate],
+            "with_failure {with_failure}"
+        );
+        let id = |i: usize| outcomes[i].inbox_id;
+        // Duplicates name the first occurrence; the re-applied A has a row of its own.
+        assert_eq!(id(3), id(0));
+        assert_eq!(id(8), id(7));
+        assert!(![id(0), id(1), id(4), id(5), id(6), id(7)].contains(&id(2)));
+        let record = |key: &str| store.get_record("t", key).unwrap().expect(key);
+        let k1 = record("k1");
+        assert_eq!((k1.doc["name"].clone(), k1.version), (json!("A"), 3));
+        assert_eq!((k1.changed_by, k1.seen_by), (id(2), id(2)));
+        let k2 = record("k2");
+        assert_eq!((k2.doc["name"].clone(), k2.version), (json!("X"), 1));
+        assert_eq!((k2.changed_by, k2.seen_by), (id(4), id(6)));
+        assert_eq!(k2.occurred_at, Some(110));
+        assert_eq!(record("k3").version, 1);
+        let outcome = |i: usize| store.inbox_event(id(i)).unwrap().expect("inbox").outcome;
+        assert_eq!(
+            [0, 1, 2, 4, 5, 6, 7].map(outcome),
+            ["applied", "applied", "applied", "applied", "stale", "noop", "applied"]
+        );
+        // d1, d2, d1 re-applied, d5, d6, d7, d8: the failed event left no row.
+        assert_eq!(store.inbox_stats(Some("test")).unwrap().events, 7);
+    }
 }
 
 fn consent_ledger_records_changes_and_ignores_stale_ones(backend: Backend) {
