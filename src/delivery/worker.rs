@@ -17,7 +17,7 @@ use super::{
     emarsys::EmarsysTransport,
     http_client,
     retry::{next_delay, parse_schedule, RetryPolicy, Verdict},
-    webhook::{keep_response, parse_secrets, WebhookTransport},
+    webhook::{keep_response, parse_secrets, Signer, WebhookTransport},
     Budget,
 };
 use crate::{
@@ -130,7 +130,7 @@ impl Transport {
             DestinationKind::Webhook => Transport::Webhook(WebhookTransport {
                 client: http_client(d.timeout)?,
                 url: reqwest::Url::parse(&d.url)?,
-                keys: parse_secrets(d.secret.expose()).map_err(anyhow::Error::msg)?,
+                signer: Signer::new(&parse_secrets(d.secret.expose()).map_err(anyhow::Error::msg)?),
                 concurrency: d.concurrency,
             }),
             DestinationKind::Emarsys => Transport::Emarsys(EmarsysTransport::new(
