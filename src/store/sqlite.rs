@@ -452,10 +452,13 @@ fn in_write_tx<T>(
 
 fn claim_deliveries(conn: &Connection, c: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
     // Heads only: a row with an earlier pending row of the same key waits for it. One
-    // statement finds and leases them.
+    // statement finds and leases them. The limit is part of the text, not a parameter: SQLite
+    // plans around a bound LIMIT's value, so a statement with `LIMIT ?` is compiled again every
+    // time it is bound (a worker's limit does not change: its statement stays cached).
+    let limit = i64::try_from(c.limit).unwrap_or(i64::MAX);
     let mut heads = conn
         .prepare_cached(&format!(
-            "UPDATE outbox SET locked_until = ?4, lease_owner = ?5
+            "UPDATE outbox SET locked_until = ?3, lease_owner = ?4
              WHERE id IN (
                SELECT id FROM outbox o
                WHERE destination = ?1 AND state = 'pending' AND next_attempt_at <= ?2
@@ -463,11 +466,11 @@ fn claim_deliveries(conn: &Connection, c: &ClaimRequest) -> Result<Vec<OutboxRow
                  AND NOT EXISTS (SELECT 1 FROM outbox p
                                  WHERE p.destination = o.destination AND p.entity = o.entity
                                    AND p.state = 'pending' AND p.id < o.id)
-               ORDER BY next_attempt_at, id LIMIT ?3)
+               ORDER BY next_attempt_at, id LIMIT {limit})
              RETURNING {OUTBOX_COLUMNS}"
         ))?
         .query_map(
-            params![c.destination, c.now, c.limit as i64, c.lease_until, c.owner],
+            params![c.destination, c.now, c.lease_until, c.owner],
             read_outbox,
         )?
         .collect::<Result<Vec<_>, _>>()?;
