@@ -137,6 +137,12 @@ impl WebhookTransport {
         Ok(request)
     }
 
+    /// One row, within the destination's budget (the worker's continuous pipeline).
+    pub async fn send_one(&self, row: &OutboxRow, budget: &Budget) -> SendResult {
+        budget.acquire().await;
+        self.post(row).await
+    }
+
     async fn post(&self, row: &OutboxRow) -> SendResult {
         let request = self.request(row);
         let started = SendResult::start();
