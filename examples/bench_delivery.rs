@@ -6,7 +6,9 @@
 //! (b) subgate: N rows in a fresh SQLite outbox (synchronous = full, as by default), drained by
 //!     one webhook worker as `serve` runs it (claim with a lease, sign, send, record every
 //!     attempt durably; the next batch claimed and the last one recorded while one is sent).
-//! Prints deliveries/s of both and the ratio b/a.
+//! Prints deliveries/s of both and the ratio b/a, per round (`--rounds`, default 3: the machine is
+//! shared, so one run proves little) and the median. Each round sends the plain loops and drains
+//! a fresh outbox, in the same process and with the same allocator as `subgate serve` (mimalloc).
 
 use std::{
     sync::Arc,
@@ -14,6 +16,10 @@ use std::{
 };
 
 use futures_util::StreamExt;
+
+// The allocator `subgate serve` runs with (src/main.rs): measure the worker as it runs there.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use serde_json::json;
 use subgate::{
     config::{ConfigSource, Settings},
@@ -28,6 +34,7 @@ struct Options {
     rows: usize,
     concurrency: usize,
     batch: usize,
+    rounds: usize,
 }
 
 fn options() -> Options {
@@ -35,6 +42,7 @@ fn options() -> Options {
         rows: 100_000,
         concurrency: 16,
         batch: 512,
+        rounds: 3,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -44,6 +52,7 @@ fn options() -> Options {
             "--rows" => o.rows = v.parse().expect("--rows N"),
             "--concurrency" => o.concurrency = v.parse().expect("--concurrency N"),
             "--batch" => o.batch = v.parse().expect("--batch N"),
+            "--rounds" => o.rounds = v.parse().expect("--rounds N"),
             other => panic!("unknown option {other}"),
         }
         i += 2;
@@ -86,6 +95,34 @@ fn bodies(n: usize) -> Vec<String> {
         .collect()
 }
 
+/// CPU time this process (every thread: client, receiver, worker, store) has used so far, from
+/// /proc/self/stat (utime + stime, in clock ticks of 10 ms). Unlike wall time it does not depend
+/// on what else the shared machine runs.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, rest)| rest)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    Duration::from_millis((ticks(11) + ticks(12)) * 10)
+}
+
+/// How long a phase took, on the clock and in CPU.
+#[derive(Clone, Copy)]
+struct Took {
+    wall: Duration,
+    cpu: Duration,
+}
+
 /// The receiver: 200 to everything, on its own runtime thread.
 fn start_receiver() -> std::net::SocketAddr {
     let (tx, rx) = std::sync::mpsc::channel();
@@ -112,10 +149,10 @@ async fn plain_loop(
     bodies: &[String],
     concurrency: usize,
     signed: bool,
-) -> Duration {
+) -> Took {
     let keys =
         subgate::delivery::webhook::parse_secrets("whsec_c3ViZ2F0ZS1iZW5jaA==").expect("key");
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_time());
     let sent: Vec<bool> = futures_util::stream::iter(bodies.iter().enumerate().map(|(i, b)| {
         let mut request = client.post(url).header("content-type", "application/json");
         if signed {
@@ -140,15 +177,18 @@ async fn plain_loop(
     .buffer_unordered(concurrency)
     .collect()
     .await;
-    let elapsed = started.elapsed();
+    let took = Took {
+        wall: started.elapsed(),
+        cpu: cpu_time() - cpu,
+    };
     assert!(
         sent.iter().all(|ok| *ok),
         "every plain request answered 200"
     );
-    elapsed
+    took
 }
 
-async fn through_outbox(settings: &Settings, store: Arc<dyn Store>, bodies: &[String]) -> Duration {
+async fn through_outbox(settings: &Settings, store: Arc<dyn Store>, bodies: &[String]) -> Took {
     let schedule = "5000,30000";
     let now = subgate::clock::now_ms();
     for (chunk_index, chunk) in bodies.chunks(5000).enumerate() {
@@ -174,7 +214,7 @@ async fn through_outbox(settings: &Settings, store: Arc<dyn Store>, bodies: &[St
     }
     let mut worker =
         Worker::new(settings, &settings.destinations[0], store).expect("webhook worker");
-    let started = Instant::now();
+    let (started, cpu) = (Instant::now(), cpu_time());
     // What `subgate serve` runs: the pipelined drain (claim ahead, record behind).
     let report = worker
         .drain(&tokio_util::sync::CancellationToken::new())
@@ -184,10 +224,43 @@ async fn through_outbox(settings: &Settings, store: Arc<dyn Store>, bodies: &[St
         report.delivered, report.claimed,
         "every delivery answered 200"
     );
-    let delivered = report.delivered;
-    let elapsed = started.elapsed();
-    assert_eq!(delivered, bodies.len());
-    elapsed
+    let took = Took {
+        wall: started.elapsed(),
+        cpu: cpu_time() - cpu,
+    };
+    assert_eq!(report.delivered, bodies.len());
+    took
+}
+
+fn settings(dir: &std::path::Path, round: usize, url: &str, o: &Options) -> Settings {
+    let destination = format!(
+        r#"[{{name="bench", kind="webhook", url="{url}", secret="whsec_c3ViZ2F0ZS1iZW5jaA==", timeout="1s", concurrency={}, batch_size={}}}]"#,
+        o.concurrency, o.batch
+    );
+    Settings::load(&ConfigSource {
+        file: None,
+        env: vec![
+            (
+                "SUBGATE__STORE__URL".into(),
+                format!(
+                    "sqlite://{}",
+                    dir.join(format!("bench-{round}.db")).display()
+                ),
+            ),
+            ("SUBGATE__DESTINATIONS".into(), destination),
+        ],
+    })
+    .expect("settings")
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    }
 }
 
 #[tokio::main]
@@ -198,32 +271,18 @@ async fn main() {
     let url = format!("http://{addr}/hooks");
     let dir = std::env::temp_dir().join(format!("subgate-bench-delivery-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let destination = format!(
-        r#"[{{name="bench", kind="webhook", url="{url}", secret="whsec_c3ViZ2F0ZS1iZW5jaA==", timeout="1s", concurrency={}, batch_size={}}}]"#,
-        o.concurrency, o.batch
-    );
-    let settings = Settings::load(&ConfigSource {
-        file: None,
-        env: vec![
-            (
-                "SUBGATE__STORE__URL".into(),
-                format!("sqlite://{}", dir.join("bench.db").display()),
-            ),
-            ("SUBGATE__DESTINATIONS".into(), destination),
-        ],
-    })
-    .expect("settings");
-    let store = subgate::startup::open_store(&settings, true).expect("store");
-    let client = subgate::delivery::http_client(settings.destinations[0].timeout).expect("client");
+    let first = settings(&dir, 0, &url, &o);
+    let client = subgate::delivery::http_client(first.destinations[0].timeout).expect("client");
     let bodies = bodies(o.rows);
     let bytes: usize = bodies.iter().map(String::len).sum();
     println!(
-        "{} deliveries of {} bytes on average, concurrency {}, claim batch {}, sqlite synchronous = {:?}",
+        "{} deliveries of {} bytes on average, concurrency {}, claim batch {}, sqlite synchronous = {:?}, {} rounds",
         o.rows,
         bytes / o.rows.max(1),
         o.concurrency,
         o.batch,
-        settings.store.sqlite_synchronous
+        first.store.sqlite_synchronous,
+        o.rounds
     );
     // Warm up connections and caches once, then measure.
     plain_loop(
@@ -234,29 +293,64 @@ async fn main() {
         false,
     )
     .await;
-    let plain = plain_loop(&client, &url, &bodies, o.concurrency, false).await;
-    let signed = plain_loop(&client, &url, &bodies, o.concurrency, true).await;
-    let outbox = through_outbox(&settings, store, &bodies).await;
-    let rate = |d: Duration| o.rows as f64 / d.as_secs_f64();
+    let rate = |t: Took| o.rows as f64 / t.wall.as_secs_f64();
+    let cpu_us = |t: Took| t.cpu.as_secs_f64() * 1e6 / o.rows as f64;
+    let (mut plains, mut outboxes, mut signeds) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain_cpu, mut outbox_cpu) = (Vec::new(), Vec::new());
+    for round in 1..=o.rounds.max(1) {
+        let settings = settings(&dir, round, &url, &o);
+        let store = subgate::startup::open_store(&settings, true).expect("store");
+        let plain_took = plain_loop(&client, &url, &bodies, o.concurrency, false).await;
+        let outbox_took = through_outbox(&settings, store, &bodies).await;
+        let signed_took = plain_loop(&client, &url, &bodies, o.concurrency, true).await;
+        let (plain, outbox, signed) = (rate(plain_took), rate(outbox_took), rate(signed_took));
+        println!(
+            "round {round}: plain {plain:>6.0}/s, subgate {outbox:>6.0}/s, signed plain {signed:>6.0}/s; \
+             ratio subgate / plain {:.2}, subgate / signed {:.2}; CPU per delivery: plain {:.1} µs, \
+             subgate {:.1} µs, signed plain {:.1} µs",
+            outbox / plain,
+            outbox / signed,
+            cpu_us(plain_took),
+            cpu_us(outbox_took),
+            cpu_us(signed_took)
+        );
+        plain_cpu.push(cpu_us(plain_took));
+        outbox_cpu.push(cpu_us(outbox_took));
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(dir.join(format!("bench-{round}.db{suffix}")));
+        }
+        plains.push(plain);
+        outboxes.push(outbox);
+        signeds.push(signed);
+    }
+    let ratios: Vec<f64> = outboxes.iter().zip(&plains).map(|(b, a)| b / a).collect();
+    let signed_ratios: Vec<f64> = outboxes.iter().zip(&signeds).map(|(b, c)| b / c).collect();
     println!(
-        "plain loop (same client, same bodies): {:>8.0} deliveries/s ({:.2} s)",
-        rate(plain),
-        plain.as_secs_f64()
+        "plain loop (same client, same bodies):    {:>8.0} deliveries/s (median)",
+        median(plains)
     );
     println!(
-        "subgate outbox → webhook worker:       {:>8.0} deliveries/s ({:.2} s)",
-        rate(outbox),
-        outbox.as_secs_f64()
+        "subgate outbox → webhook worker:          {:>8.0} deliveries/s (median)",
+        median(outboxes)
     );
     println!(
-        "plain loop + webhook headers (signed): {:>8.0} deliveries/s ({:.2} s)",
-        rate(signed),
-        signed.as_secs_f64()
+        "plain loop + webhook headers (signed):    {:>8.0} deliveries/s (median)",
+        median(signeds)
     );
-    println!("ratio subgate / plain: {:.2}", rate(outbox) / rate(plain));
     println!(
-        "ratio subgate / signed plain loop: {:.2}",
-        rate(outbox) / rate(signed)
+        "median ratio subgate / plain: {:.2} (rounds: {}); subgate / signed plain loop: {:.2}",
+        median(ratios.clone()),
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        median(signed_ratios)
+    );
+    println!(
+        "median CPU per delivery (all threads): plain loop {:.1} µs, subgate {:.1} µs",
+        median(plain_cpu),
+        median(outbox_cpu)
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

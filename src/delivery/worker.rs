@@ -5,9 +5,12 @@
 //! time, or [`Worker::drain`].
 
 use std::{
+    collections::VecDeque,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use futures_util::{stream::FuturesUnordered, StreamExt};
 
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +20,7 @@ use super::{
     emarsys::EmarsysTransport,
     http_client,
     retry::{next_delay, parse_schedule, RetryPolicy, Verdict},
-    webhook::{keep_response, parse_secrets, WebhookTransport},
+    webhook::{keep_response, parse_secrets, Signer, WebhookTransport},
     Budget,
 };
 use crate::{
@@ -130,7 +133,7 @@ impl Transport {
             DestinationKind::Webhook => Transport::Webhook(WebhookTransport {
                 client: http_client(d.timeout)?,
                 url: reqwest::Url::parse(&d.url)?,
-                keys: parse_secrets(d.secret.expose()).map_err(anyhow::Error::msg)?,
+                signer: Signer::new(&parse_secrets(d.secret.expose()).map_err(anyhow::Error::msg)?),
                 concurrency: d.concurrency,
             }),
             DestinationKind::Emarsys => Transport::Emarsys(EmarsysTransport::new(
@@ -423,8 +426,12 @@ impl Worker {
     /// one transaction records batch k and claims batch k+2, so the store's work overlaps the
     /// provider's and costs one commit per batch. Claimed rows carry this worker's lease, so a
     /// batch claimed ahead never overlaps the one in flight, and per-entity order holds (a row
-    /// waits while an earlier one of its entity is pending, leased or not).
+    /// waits while an earlier one of its entity is pending, leased or not). Webhooks (one
+    /// request per row) go through [`Worker::drain_rows`], which does not wait at batch ends.
     pub async fn drain(&mut self, stop: &CancellationToken) -> Result<StepReport, StoreError> {
+        if matches!(self.transport, Transport::Webhook(_)) {
+            return self.drain_rows(stop).await;
+        }
         let mut total = StepReport::default();
         let mut current = join(self.spawn_claim()).await?;
         if current.is_empty() {
@@ -473,6 +480,159 @@ impl Worker {
                 current = next;
             }
         }
+    }
+
+    /// [`Worker::drain`] for webhooks, row by row: `concurrency` requests stay in flight across
+    /// batch ends (a new request starts as soon as one is answered, so there is no tail at the
+    /// end of each batch), and the store works beside them: one transaction records what was
+    /// answered since the last one and claims the next batch as soon as the one claimed before
+    /// starts going out (so a slow commit is absorbed by a whole batch of requests, not waited
+    /// for). The guarantees are the batch drain's: rows are claimed with this worker's lease
+    /// and only as heads of their entity, and a row stays pending (blocking its entity's next
+    /// rows) until the transaction that records its answer commits. A batch is claimed once
+    /// fewer than a batch of rows are waiting or on the wire, so, as in the batch drain, a row
+    /// waits for at most two batches of requests (its own included) and a claim does not outlive
+    /// its lease. A `Retry-After` stops new requests; what was answered is recorded, what was
+    /// claimed but not sent is given back, and the worker pauses. On `stop`, requests in flight
+    /// are dropped (sent again later: at least once); what was answered is recorded.
+    async fn drain_rows(&mut self, stop: &CancellationToken) -> Result<StepReport, StoreError> {
+        // One value on the stack per wake-up, never stored: boxing the answer would only add an
+        // allocation per request.
+        #[allow(clippy::large_enum_variant)]
+        enum Event {
+            Answered(OutboxRow, SendResult),
+            Stored(Result<Vec<OutboxRow>, StoreError>),
+            Stop,
+        }
+        let Transport::Webhook(webhook) = &self.transport else {
+            return Err(StoreError::Failed("drain_rows is for webhooks".into()));
+        };
+        let budget = &self.budget;
+        let concurrency = webhook.concurrency.max(1);
+        let mut total = StepReport::default();
+        let mut queue: VecDeque<OutboxRow> = VecDeque::new();
+        let mut in_flight = FuturesUnordered::new();
+        let mut answered: Vec<(OutboxRow, SendResult)> = Vec::new();
+        // The one store transaction under way, and whether it claims.
+        let mut op: Option<JoinHandle<Result<Vec<OutboxRow>, StoreError>>> = None;
+        let mut op_claims = false;
+        // The last claim found nothing due: claim again only with records (which can make the
+        // next row of an entity its head) or once everything is settled.
+        let mut dry = false;
+        // A provider asked to wait: no new requests.
+        let mut pausing = false;
+        let mut pause: Option<Duration> = None;
+        loop {
+            while !pausing && in_flight.len() < concurrency {
+                let Some(row) = queue.pop_front() else { break };
+                in_flight.push(async move {
+                    let result = webhook.send_one(&row, budget).await;
+                    (row, result)
+                });
+            }
+            if op.is_none() {
+                let settled = in_flight.is_empty() && queue.is_empty();
+                // Claim once fewer than a batch of rows are waiting or on the wire: a row
+                // claimed now waits for at most two batches' worth of requests (its own
+                // included), as in the batch drain, so the lease bound of `Worker::new` holds.
+                let claim = !pausing
+                    && queue.len() + in_flight.len() < self.batch
+                    && (!dry || !answered.is_empty());
+                let record = answered.len() >= self.batch || (settled && !answered.is_empty());
+                if claim || record {
+                    let attempts = if answered.is_empty() {
+                        Vec::new()
+                    } else {
+                        let judged = self.judge_answers(std::mem::take(&mut answered));
+                        add(&mut total, &judged.report);
+                        pause = max_pause(pause, judged.pause);
+                        judged.attempts
+                    };
+                    op_claims = claim;
+                    op = Some(if claim {
+                        self.spawn_record_then_claim(attempts)
+                    } else {
+                        let record = self.spawn_record(attempts);
+                        tokio::spawn(async move { join(record).await.map(|()| Vec::new()) })
+                    });
+                }
+            }
+            if op.is_none() && in_flight.is_empty() && (queue.is_empty() || pausing) {
+                // Settled: everything answered is recorded and the last claim found nothing
+                // (or a provider asked to wait).
+                if !answered.is_empty() {
+                    let judged = self.judge_answers(std::mem::take(&mut answered));
+                    add(&mut total, &judged.report);
+                    pause = max_pause(pause, judged.pause);
+                    join(self.spawn_record(judged.attempts)).await?;
+                }
+                if pausing && !queue.is_empty() {
+                    // Claimed but not sent: give them back before waiting.
+                    queue.clear();
+                    let store = self.store.clone();
+                    let owner = self.owner.clone();
+                    join(tokio::task::spawn_blocking(move || {
+                        store.release_leases(&owner)
+                    }))
+                    .await?;
+                }
+                break;
+            }
+            let event = tokio::select! {
+                Some((row, result)) = in_flight.next(), if !in_flight.is_empty() => {
+                    Event::Answered(row, result)
+                }
+                stored = async { op.as_mut().expect("guarded by op.is_some()").await }, if op.is_some() => {
+                    Event::Stored(stored.unwrap_or_else(|e| {
+                        Err(StoreError::Unavailable(format!("store task failed: {e}")))
+                    }))
+                }
+                _ = stop.cancelled() => Event::Stop,
+            };
+            match event {
+                Event::Answered(row, result) => {
+                    if let Verdict::Retry {
+                        retry_after: Some(_),
+                    } = result.verdict
+                    {
+                        pausing = true;
+                    }
+                    answered.push((row, result));
+                }
+                Event::Stored(rows) => {
+                    op = None;
+                    let rows = rows?;
+                    if op_claims {
+                        dry = rows.is_empty();
+                        queue.extend(rows);
+                    }
+                }
+                Event::Stop => {
+                    // Requests in flight are dropped: their rows stay pending and go out again.
+                    drop(in_flight);
+                    if let Some(task) = op.take() {
+                        join(task).await?;
+                    }
+                    if !answered.is_empty() {
+                        let judged = self.judge_answers(answered);
+                        add(&mut total, &judged.report);
+                        join(self.spawn_record(judged.attempts)).await?;
+                    }
+                    return Ok(total);
+                }
+            }
+        }
+        drop(in_flight);
+        if let Some(wait) = pause {
+            self.pause_for(wait);
+        }
+        Ok(total)
+    }
+
+    /// [`Worker::judge`] for rows answered one by one.
+    fn judge_answers(&self, answered: Vec<(OutboxRow, SendResult)>) -> Judged {
+        let (rows, results): (Vec<OutboxRow>, Vec<SendResult>) = answered.into_iter().unzip();
+        self.judge(&rows, results)
     }
 
     /// Drain until `shutdown`; then release this worker's leases (rows claimed but not yet
@@ -532,6 +692,20 @@ struct Judged {
     attempts: Vec<AttemptRecord>,
     report: StepReport,
     pause: Option<Duration>,
+}
+
+fn add(total: &mut StepReport, report: &StepReport) {
+    total.claimed += report.claimed;
+    total.delivered += report.delivered;
+    total.retried += report.retried;
+    total.dead += report.dead;
+}
+
+fn max_pause(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 async fn join<T>(task: JoinHandle<Result<T, StoreError>>) -> Result<T, StoreError> {

@@ -503,28 +503,45 @@ fn in_write_tx<T>(
 }
 
 fn claim_deliveries(conn: &Connection, c: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
-    // Heads only: a row with an earlier pending row of the same key waits for it. One
-    // statement finds and leases them.
+    // Heads only: a row with an earlier pending row of the same key waits for it. Read them
+    // (straight from the due index, in order), then lease them all in one statement; the
+    // transaction holds the write lock, so nothing changes in between. (One `UPDATE …
+    // RETURNING` costs more: SQLite buffers the returned rows, payloads included, in a temporary
+    // table before handing out the first.) The limit is part of the text, not a parameter:
+    // SQLite plans around a bound LIMIT's value, so a statement with `LIMIT ?` is compiled again
+    // every time it is bound (a worker's limit does not change: its statement stays cached).
+    let limit = i64::try_from(c.limit).unwrap_or(i64::MAX);
     let mut heads = conn
         .prepare_cached(&format!(
-            "UPDATE outbox SET locked_until = ?4, lease_owner = ?5
-             WHERE id IN (
-               SELECT id FROM outbox o
-               WHERE destination = ?1 AND state = 'pending' AND next_attempt_at <= ?2
-                 AND (locked_until IS NULL OR locked_until <= ?2)
-                 AND NOT EXISTS (SELECT 1 FROM outbox p
-                                 WHERE p.destination = o.destination AND p.entity = o.entity
-                                   AND p.state = 'pending' AND p.id < o.id)
-               ORDER BY next_attempt_at, id LIMIT ?3)
-             RETURNING {OUTBOX_COLUMNS}"
+            "SELECT {OUTBOX_COLUMNS} FROM outbox o
+             WHERE destination = ?1 AND state = 'pending' AND next_attempt_at <= ?2
+               AND (locked_until IS NULL OR locked_until <= ?2)
+               AND NOT EXISTS (SELECT 1 FROM outbox e
+                               WHERE e.destination = o.destination AND e.entity = o.entity
+                                 AND e.state = 'pending' AND e.id < o.id)
+             ORDER BY next_attempt_at, id LIMIT {limit}"
         ))?
-        .query_map(
-            params![c.destination, c.now, c.limit as i64, c.lease_until, c.owner],
-            read_outbox,
-        )?
+        .query_map(params![c.destination, c.now], read_outbox)?
         .collect::<Result<Vec<_>, _>>()?;
-    // RETURNING has no order: oldest due first, as selected.
-    heads.sort_by_key(|r| (r.next_attempt_at, r.id));
+    if heads.is_empty() {
+        return Ok(heads);
+    }
+    let ids = format!(
+        "[{}]",
+        heads
+            .iter()
+            .map(|r| r.id.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    conn.prepare_cached(
+        "UPDATE outbox SET locked_until = ?2, lease_owner = ?3
+         WHERE id IN (SELECT value FROM json_each(?1))",
+    )?
+    .execute(params![ids, c.lease_until, c.owner])?;
+    for head in heads.iter_mut() {
+        head.locked_until = Some(c.lease_until);
+    }
     if c.coalesce {
         for head in heads.iter_mut() {
             if head.coalesce {
