@@ -8,7 +8,7 @@
 //!     attempt durably; the next batch claimed and the last one recorded while one is sent).
 //! Prints deliveries/s of both and the ratio b/a, per round (`--rounds`, default 3: the machine is
 //! shared, so one run proves little) and the median. Each round sends the plain loops and drains
-//! a fresh outbox, in the same process and with the same allocator as `subgate serve` (mimalloc).
+//! a fresh outbox, in the same process, with the same allocator as `subgate serve` (the system's).
 
 use std::{
     sync::Arc,
@@ -17,9 +17,6 @@ use std::{
 
 use futures_util::StreamExt;
 
-// The allocator `subgate serve` runs with (src/main.rs): measure the worker as it runs there.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use serde_json::json;
 use subgate::{
     config::{ConfigSource, Settings},

@@ -1415,7 +1415,10 @@ event_ids = { "order.created" = "77" }
     fn durations_parse_in_common_units() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(
+            parse_duration("7d").unwrap(),
+            Duration::from_secs(7 * 86_400)
+        );
         assert_eq!(format_duration(&Duration::from_secs(7 * 86_400)), "7d");
         assert!(parse_duration("soon").is_err());
     }
