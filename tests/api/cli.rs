@@ -84,7 +84,7 @@ fn migrate_creates_the_schema_and_is_idempotent() {
     assert!(first.status.success(), "{}", stderr(&first));
     assert_eq!(
         String::from_utf8_lossy(&first.stdout).trim(),
-        "2 migration(s) applied"
+        "4 migration(s) applied"
     );
     let second = subgate(&["migrate"], &env);
     assert_eq!(
