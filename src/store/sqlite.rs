@@ -62,7 +62,7 @@ const WAL_SIZE_LIMIT: i64 = 2 * 4096 * 4200;
 
 thread_local! {
     /// Frames in the WAL after the last commit on this thread, from SQLite's WAL hook (the hook
-    /// runs inside COMMIT on the committing thread; `SqliteStore::write` reads it right after).
+    /// runs inside COMMIT on the committing thread; `in_write_tx` reads it right after).
     static WAL_FRAMES: std::cell::Cell<i32> = const { std::cell::Cell::new(0) };
 }
 
@@ -481,7 +481,8 @@ fn in_bookkeeping_tx<T>(
     Ok(value)
 }
 
-/// Run `f` in one write transaction on the writer connection (`BEGIN IMMEDIATE`).
+/// Run `f` in one write transaction on the writer connection (`BEGIN IMMEDIATE`). Every writer
+/// commit (ingest and delivery bookkeeping alike) checks the WAL's length after it.
 fn in_write_tx<T>(
     conn: &Connection,
     f: impl FnOnce(&Connection) -> Result<T, StoreError>,
@@ -489,7 +490,12 @@ fn in_write_tx<T>(
     conn.execute_batch("BEGIN IMMEDIATE")?;
     match f(conn) {
         Ok(v) => match conn.execute_batch("COMMIT") {
-            Ok(()) => Ok(v),
+            Ok(()) => {
+                if WAL_FRAMES.replace(0) > WAL_REWIND_FRAMES {
+                    finish_checkpoint(conn);
+                }
+                Ok(v)
+            }
             Err(e) => {
                 let _ = conn.execute_batch("ROLLBACK");
                 Err(StoreError::Unavailable(format!("commit failed: {e}")))
@@ -705,29 +711,12 @@ impl Store for SqliteStore {
         f: &mut dyn FnMut(&mut dyn StoreTx) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let conn = self.lock_writer();
-        conn.execute_batch("BEGIN IMMEDIATE")?;
-        let result = f(&mut Tx {
-            conn: &conn,
-            last_payload: None,
-        });
-        match result {
-            Ok(()) => match conn.execute_batch("COMMIT") {
-                Ok(()) => {
-                    if WAL_FRAMES.replace(0) > WAL_REWIND_FRAMES {
-                        finish_checkpoint(&conn);
-                    }
-                    Ok(())
-                }
-                Err(e) => {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    Err(StoreError::Unavailable(format!("commit failed: {e}")))
-                }
-            },
-            Err(e) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                Err(e)
-            }
-        }
+        in_write_tx(&conn, |c| {
+            f(&mut Tx {
+                conn: c,
+                last_payload: None,
+            })
+        })
     }
 
     fn get_record(&self, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {

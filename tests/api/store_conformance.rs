@@ -1403,3 +1403,44 @@ fn retention_purges_old_finished_rows_with_their_attempts_and_unshared_payloads(
         "the dead and the retried rows keep their attempts"
     );
 }
+
+/// Delivery bookkeeping (claims, attempts) commits on the writer connection too: with nothing
+/// but deliveries going on, those commits alone must keep the WAL bounded.
+#[test]
+fn sqlite_wal_stays_bounded_under_delivery_bookkeeping_alone() {
+    let dir = temp_dir("wal-delivery");
+    let path = dir.join("s.db");
+    let store = open(&format!("sqlite://{}", path.display()));
+    let entities: Vec<String> = (0..12_000).map(|i| format!("test:{i}")).collect();
+    let rows: Vec<(&str, &str, &str, bool)> = entities
+        .iter()
+        .map(|e| ("crm", e.as_str(), "{}", false))
+        .collect();
+    queue(&store, &rows);
+    let response = "r".repeat(4_000);
+    let mut now = 2_000;
+    // ~50 MB of attempt responses, in 2,400 claim and attempt commits.
+    loop {
+        now += 1;
+        let claimed = store
+            .claim_deliveries(&claim("crm", "w1", now, 10))
+            .unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        let attempts: Vec<AttemptRecord> = claimed
+            .iter()
+            .map(|row| AttemptRecord {
+                response: Some(response.clone()),
+                ..attempt(row.id, 1, AttemptResult::Delivered)
+            })
+            .collect();
+        store.record_attempts("crm", "w1", &attempts).unwrap();
+    }
+    let wal = std::fs::metadata(dir.join("s.db-wal")).unwrap().len();
+    assert!(
+        wal < 30_000_000,
+        "the WAL grew to {wal} bytes for 50 MB of attempts"
+    );
+    assert_eq!(store.delivery_stats("crm").unwrap().pending, 0);
+}
