@@ -19,6 +19,7 @@ pub mod consent;
 pub mod delivery;
 pub mod envelope;
 pub mod health;
+pub mod hex;
 pub mod http;
 pub mod ingest;
 pub mod openapi;

@@ -7,6 +7,24 @@ use crate::{
     store::{hash_bytes, RecordRow, StoreError, StoreTx},
 };
 
+/// A snapshot document serialised once, with the hash of those bytes: the stored row and the
+/// change detection both come from it. Sources build it while decoding, off the single writer
+/// thread, when they can.
+#[derive(Debug, Clone)]
+pub struct SnapshotDoc {
+    json: String,
+    hash: String,
+}
+
+impl SnapshotDoc {
+    pub fn new(doc: &Value) -> Result<Self, StoreError> {
+        let json = serde_json::to_string(doc)
+            .map_err(|e| StoreError::Failed(format!("cannot serialise a snapshot: {e}")))?;
+        let hash = hash_bytes(json.as_bytes());
+        Ok(Self { json, hash })
+    }
+}
+
 /// Apply a snapshot of one entity by change detection:
 /// - older than what the record already describes (by `occurred_at`) → `Stale`, untouched;
 /// - same content as the record → `NoOp` (only "last seen" moves);
@@ -18,16 +36,24 @@ pub fn apply_snapshot(
     doc: &Value,
     ctx: &ApplyContext,
 ) -> Result<Applied, StoreError> {
-    // Serialised once: the hash and the stored row come from the same bytes, and the current
-    // record's document is never parsed (only its hash is compared).
-    let doc_json = serde_json::to_string(doc)
-        .map_err(|e| StoreError::Failed(format!("cannot serialise a snapshot: {e}")))?;
-    let hash = hash_bytes(doc_json.as_bytes());
+    apply_snapshot_doc(tx, kind, key, &SnapshotDoc::new(doc)?, ctx)
+}
+
+/// [`apply_snapshot`] for a document already serialised. The current record's document is
+/// never parsed: only its hash is compared.
+pub fn apply_snapshot_doc(
+    tx: &mut dyn StoreTx,
+    kind: &str,
+    key: &str,
+    doc: &SnapshotDoc,
+    ctx: &ApplyContext,
+) -> Result<Applied, StoreError> {
+    let hash = &doc.hash;
     let mut row = RecordRow {
         kind,
         key,
-        doc_json: &doc_json,
-        hash: &hash,
+        doc_json: &doc.json,
+        hash,
         occurred_at: ctx.occurred_at,
         changed_at: ctx.received_at,
         changed_by: ctx.inbox_id,
@@ -45,7 +71,7 @@ pub fn apply_snapshot(
         }
     }
     let occurred_at = current.occurred_at.max(ctx.occurred_at);
-    if current.hash == hash {
+    if current.hash == *hash {
         tx.touch_record(kind, key, ctx.received_at, ctx.inbox_id, occurred_at)?;
         return Ok(Applied::NoOp);
     }

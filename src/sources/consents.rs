@@ -74,7 +74,7 @@ impl ConsentReport {
     pub fn into_admin_envelope(self, raw: Vec<u8>) -> Envelope {
         let dedupe_key = format!(
             "admin:consent:{}",
-            hex::encode(Sha256::digest(format!(
+            crate::hex::encode(Sha256::digest(format!(
                 "{}|{}|{}|{}",
                 self.address.key(),
                 self.state.as_str(),
@@ -181,7 +181,7 @@ mod tests {
     #[test]
     fn hmac_matches_rfc_4231_test_case_2() {
         assert_eq!(
-            hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
+            crate::hex::encode(hmac_sha256(b"Jefe", b"what do ya want for nothing?")),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
     }

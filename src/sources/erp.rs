@@ -9,7 +9,7 @@ use super::amqp::{AmqpMessage, Decoder, Rejection};
 use crate::{
     delivery::event::{ContactView, Outbound},
     envelope::{Applied, ApplyContext, ApplyError, Change, Envelope},
-    projection::apply_snapshot,
+    projection::{apply_snapshot_doc, SnapshotDoc},
     store::StoreTx,
 };
 
@@ -57,15 +57,19 @@ impl Decoder for ErpDecoder {
             None => (
                 format!(
                     "erp:{kind}:{entity}:{}",
-                    hex::encode(Sha256::digest(message.body))
+                    crate::hex::encode(Sha256::digest(message.body))
                 ),
                 true,
             ),
         };
+        // Serialised and hashed here, on the consumer's task, rather than on the writer thread.
+        let prepared =
+            SnapshotDoc::new(&doc).map_err(|e| Rejection::new("unserialisable", e.to_string()))?;
         let change = ErpSnapshot {
             feed: self.feed,
             entity: entity.clone(),
             doc,
+            prepared,
             reapply,
         };
         Ok(Envelope {
@@ -318,7 +322,7 @@ impl PropertyBag {
             entry.insert("flag".into(), Value::String(flag.into()));
             flags.push(format!("{name}:{flag}"));
         }
-        if let Some(previous) = self.entries.shift_remove(name) {
+        if let Some(previous) = self.entries.remove(name) {
             self.duplicates
                 .push(serde_json::json!({ "name": name, "replaced": previous }));
             flags.push(format!("{name}:duplicate_name"));
@@ -390,15 +394,23 @@ struct ErpSnapshot {
     feed: Feed,
     entity: String,
     doc: Value,
+    prepared: SnapshotDoc,
     reapply: bool,
 }
 
 impl Change for ErpSnapshot {
     fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
         match self.feed {
-            Feed::Customer => Ok(apply_snapshot(tx, CUSTOMER, &self.entity, &self.doc, ctx)?),
+            Feed::Customer => Ok(apply_snapshot_doc(
+                tx,
+                CUSTOMER,
+                &self.entity,
+                &self.prepared,
+                ctx,
+            )?),
             Feed::Subscription => {
-                let applied = apply_snapshot(tx, SUBSCRIPTION, &self.entity, &self.doc, ctx)?;
+                let applied =
+                    apply_snapshot_doc(tx, SUBSCRIPTION, &self.entity, &self.prepared, ctx)?;
                 if applied == Applied::Changed {
                     let parties: Vec<String> = self.doc["engaged_party"]
                         .as_array()

@@ -356,7 +356,7 @@ pub fn decode(body: &[u8]) -> Result<Notification, DecodeError> {
             ));
         }
     };
-    let event = match listener.shift_remove("event") {
+    let event = match listener.remove("event") {
         Some(Value::Object(event)) => event,
         other => {
             let other = other.unwrap_or(Value::Null);
@@ -423,7 +423,7 @@ fn decode_order(
     mut event: Map<String, Value>,
     event_type: EventType,
 ) -> Result<OrderUpdate, Functional> {
-    let id = match event.shift_remove("id") {
+    let id = match event.remove("id") {
         None | Some(Value::Null) => {
             return Err(Functional::NoServiceOrder(
                 "`event.id` is missing: the notification names no service order".into(),
@@ -436,7 +436,7 @@ fn decode_order(
             ))
         })?,
     };
-    let state = match event.shift_remove("state") {
+    let state = match event.remove("state") {
         None | Some(Value::Null) if event_type == EventType::ItemStateChange => None,
         None | Some(Value::Null) => {
             return Err(Functional::InvalidOrderState(format!(
@@ -452,7 +452,7 @@ fn decode_order(
             ))
         })?),
     };
-    let items = match event.shift_remove("orderItem") {
+    let items = match event.remove("orderItem") {
         None | Some(Value::Null) => Vec::new(),
         Some(Value::Array(list)) => {
             let mut items: Vec<ItemUpdate> = Vec::with_capacity(list.len());
@@ -501,7 +501,7 @@ fn decode_item(
             describe(&value)
         )));
     };
-    let id = match fields.shift_remove("id") {
+    let id = match fields.remove("id") {
         None | Some(Value::Null) => {
             return Err(Functional::InvalidOrderItem(format!(
                 "`{at}.id` is missing"
@@ -514,7 +514,7 @@ fn decode_item(
             ))
         })?,
     };
-    let state = match fields.shift_remove("state") {
+    let state = match fields.remove("state") {
         None | Some(Value::Null) if event_type == EventType::ItemStateChange => {
             return Err(Functional::InvalidOrderItem(format!(
                 "`{at}.state` is required in a {}",

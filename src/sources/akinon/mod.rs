@@ -94,7 +94,7 @@ pub fn decode(
         "akinon:{}:{}:{}",
         endpoint.name(),
         call.request_id,
-        hex::encode(Sha256::digest(&body))
+        crate::hex::encode(Sha256::digest(&body))
     );
     Ok(Envelope {
         source: SOURCE,
