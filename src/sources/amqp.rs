@@ -571,8 +571,9 @@ impl Pump {
         let acker = tokio::spawn(acker.run(acker_rx));
         let max_bytes = self.settings.ingest.max_message_bytes;
         let queue = self.spec.queue.as_str();
+        let received = metrics::counter!("subgate_received_total", "queue" => queue.to_owned());
 
-        let result = loop {
+        let result = 'pump: loop {
             let message = tokio::select! {
                 biased;
                 _ = stop.cancelled() => break Ok(()),
@@ -581,37 +582,29 @@ impl Pump {
             let Some(message) = message else {
                 break Err(format!("channel of {queue} closed"));
             };
-            let (Some(deliver), Some(properties), Some(body)) =
-                (message.deliver, message.basic_properties, message.content)
-            else {
-                continue;
+            // What else has already arrived is decoded with it, in two halves at once.
+            let mut chunk = Vec::with_capacity(DECODE_CHUNK);
+            chunk.extend(Incoming::from_consumer(message));
+            while chunk.len() < DECODE_CHUNK {
+                match deliveries.try_recv() {
+                    Ok(message) => chunk.extend(Incoming::from_consumer(message)),
+                    Err(_) => break,
+                }
+            }
+            received.increment(chunk.len() as u64);
+            let decoded = match decode_chunk(&self.spec, max_bytes, chunk).await {
+                Ok(decoded) => decoded,
+                Err(e) => break Err(e),
             };
-            let tag = deliver.delivery_tag();
-            metrics::counter!("subgate_received_total", "queue" => queue.to_owned()).increment(1);
-            let routing_key = deliver.routing_key().clone();
-            let disposition = if body.len() > max_bytes {
-                Disposition::DeadLetter {
-                    rejection: Rejection::new(
-                        "too_large",
-                        format!(
-                            "{} bytes; ingest.max_message_bytes is {max_bytes}",
-                            body.len()
-                        ),
-                    ),
-                    body,
+            for (incoming, decoded) in decoded {
+                let Incoming {
+                    tag,
                     routing_key,
                     properties,
-                }
-            } else {
-                let decoded = self.spec.decoder.decode(&AmqpMessage {
-                    queue,
-                    exchange: deliver.exchange(),
-                    routing_key: &routing_key,
-                    redelivered: deliver.redelivered(),
-                    properties: &properties,
-                    body: &body,
-                });
-                match decoded {
+                    body,
+                    ..
+                } = incoming;
+                let disposition = match decoded {
                     Ok(envelope) => match self.ingest.enqueue(envelope).await {
                         Ok(reply) => Disposition::Commit {
                             reply,
@@ -619,7 +612,7 @@ impl Pump {
                             properties,
                         },
                         // Shutting down: leave it unacked; the broker redelivers it.
-                        Err(_) => break Ok(()),
+                        Err(_) => break 'pump Ok(()),
                     },
                     Err(rejection) => Disposition::DeadLetter {
                         rejection,
@@ -627,10 +620,10 @@ impl Pump {
                         routing_key,
                         properties,
                     },
+                };
+                if to_acker.send((tag, disposition)).is_err() {
+                    break 'pump Err("acker stopped".to_owned());
                 }
-            };
-            if to_acker.send((tag, disposition)).is_err() {
-                break Err("acker stopped".to_owned());
             }
         };
 
@@ -647,6 +640,95 @@ impl Pump {
         let _ = self.channel.close().await;
         result.and(acked)
     }
+}
+
+/// Deliveries already waiting are decoded together, up to this many.
+const DECODE_CHUNK: usize = 64;
+/// From this many, a chunk is split in two halves decoded at once (one on another worker).
+const SPLIT_FROM: usize = 8;
+
+/// One delivery, owned, as the pump needs it.
+struct Incoming {
+    tag: u64,
+    exchange: String,
+    routing_key: String,
+    redelivered: bool,
+    properties: BasicProperties,
+    body: Vec<u8>,
+}
+
+impl Incoming {
+    fn from_consumer(message: amqprs::channel::ConsumerMessage) -> Option<Self> {
+        let (Some(deliver), Some(properties), Some(body)) =
+            (message.deliver, message.basic_properties, message.content)
+        else {
+            return None;
+        };
+        Some(Self {
+            tag: deliver.delivery_tag(),
+            exchange: deliver.exchange().clone(),
+            routing_key: deliver.routing_key().clone(),
+            redelivered: deliver.redelivered(),
+            properties,
+            body,
+        })
+    }
+
+    fn decode(&self, decoder: &dyn Decoder, queue: &str, max_bytes: usize) -> Decoded {
+        if self.body.len() > max_bytes {
+            return Err(Rejection::new(
+                "too_large",
+                format!(
+                    "{} bytes; ingest.max_message_bytes is {max_bytes}",
+                    self.body.len()
+                ),
+            ));
+        }
+        decoder.decode(&AmqpMessage {
+            queue,
+            exchange: &self.exchange,
+            routing_key: &self.routing_key,
+            redelivered: self.redelivered,
+            properties: &self.properties,
+            body: &self.body,
+        })
+    }
+}
+
+type Decoded = Result<Envelope, Rejection>;
+
+/// Decode a chunk in delivery order. A large enough chunk is cut in two: the second half is
+/// decoded by a spawned task (another runtime worker when one is free) while this task decodes
+/// the first, so decoding is not one task's serial work.
+async fn decode_chunk(
+    spec: &QueueSpec,
+    max_bytes: usize,
+    mut chunk: Vec<Incoming>,
+) -> Result<Vec<(Incoming, Decoded)>, String> {
+    let decode_all = move |decoder: &dyn Decoder, queue: &str, items: Vec<Incoming>| {
+        items
+            .into_iter()
+            .map(|m| {
+                let decoded = m.decode(decoder, queue, max_bytes);
+                (m, decoded)
+            })
+            .collect::<Vec<_>>()
+    };
+    if chunk.len() < SPLIT_FROM {
+        return Ok(decode_all(spec.decoder.as_ref(), &spec.queue, chunk));
+    }
+    let tail = chunk.split_off(chunk.len() / 2);
+    let decoder = spec.decoder.clone();
+    let queue = spec.queue.clone();
+    let second = tokio::spawn(async move { decode_all(decoder.as_ref(), &queue, tail) });
+    let mut out = decode_all(spec.decoder.as_ref(), &spec.queue, chunk);
+    // A decoder panic (a bug) stops this consumer as it did before decoding was split: nothing
+    // of the chunk is acked, the broker redelivers it, the supervisor restarts the consumer.
+    let rest = second
+        .await
+        .map_err(|e| format!("decoding half a chunk of {} failed: {e}", spec.queue))?;
+    out.extend(rest);
+    Ok(out)
 }
 
 struct Acker {
@@ -785,6 +867,50 @@ impl Acker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn incoming(tag: u64, body: &str) -> Incoming {
+        Incoming {
+            tag,
+            exchange: String::new(),
+            routing_key: "q".into(),
+            redelivered: false,
+            properties: BasicProperties::default(),
+            body: body.as_bytes().to_vec(),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_split_chunk_comes_back_in_delivery_order_with_its_rejections_in_place() {
+        let spec = QueueSpec {
+            queue: "q".into(),
+            declare: false,
+            exchange: None,
+            decoder: Arc::new(crate::sources::erp::ErpDecoder {
+                feed: crate::sources::erp::Feed::Customer,
+            }),
+        };
+        let chunk: Vec<Incoming> = (0..DECODE_CHUNK as u64)
+            .map(|tag| match tag % 7 {
+                3 => incoming(tag, "{not json"),
+                5 => incoming(
+                    tag,
+                    &format!(r#"{{"id":"{tag}","name":"{}"}}"#, "x".repeat(200)),
+                ),
+                _ => incoming(tag, &format!(r#"{{"id":"{tag}","status":"Active"}}"#)),
+            })
+            .collect();
+        let decoded = decode_chunk(&spec, 100, chunk).await.unwrap();
+        let tags: Vec<u64> = decoded.iter().map(|(m, _)| m.tag).collect();
+        assert_eq!(tags, (0..DECODE_CHUNK as u64).collect::<Vec<_>>());
+        for (m, d) in &decoded {
+            match (m.tag % 7, d) {
+                (3, Err(r)) => assert_eq!(r.code, "not_json"),
+                (5, Err(r)) => assert_eq!(r.code, "too_large"),
+                (_, Ok(envelope)) => assert_eq!(envelope.entity, m.tag.to_string()),
+                (_, other) => panic!("tag {}: {other:?}", m.tag),
+            }
+        }
+    }
 
     #[test]
     fn broker_url_parses_vhost_and_credentials() {

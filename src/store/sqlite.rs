@@ -5,7 +5,7 @@ use std::{
     sync::Mutex,
 };
 
-use rusqlite::{params, Connection, ErrorCode, OpenFlags, OptionalExtension};
+use rusqlite::{params, CachedStatement, Connection, ErrorCode, OpenFlags, OptionalExtension};
 use serde_json::Value;
 
 use super::{
@@ -257,11 +257,35 @@ struct Tx<'c> {
     /// The last outbox payload written and its id: the rows of one event for several
     /// destinations share it.
     last_payload: Option<(String, i64)>,
+    hot: HotStatements<'c>,
+}
+
+/// The statements every ingested event runs, held for the whole transaction: taking one from
+/// rusqlite's statement cache hashes its whole SQL text, every time.
+#[derive(Default)]
+struct HotStatements<'c> {
+    insert_inbox: Option<CachedStatement<'c>>,
+    record_head: Option<CachedStatement<'c>>,
+    put_record: Option<CachedStatement<'c>>,
+}
+
+fn hot<'s, 'c>(
+    slot: &'s mut Option<CachedStatement<'c>>,
+    conn: &'c Connection,
+    sql: &str,
+) -> Result<&'s mut CachedStatement<'c>, StoreError> {
+    if slot.is_none() {
+        *slot = Some(conn.prepare_cached(sql)?);
+    }
+    slot.as_mut()
+        .ok_or_else(|| StoreError::Failed("statement not prepared".into()))
 }
 
 impl StoreTx for Tx<'_> {
     fn insert_inbox(&mut self, e: &InboxEntry<'_>) -> Result<InboxInsert, StoreError> {
-        let mut insert = self.conn.prepare_cached(
+        let insert = hot(
+            &mut self.hot.insert_inbox,
+            self.conn,
             "INSERT INTO inbox (source, kind, entity, dedupe_key, occurred_at, received_at, meta, raw, outcome)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'applied') ON CONFLICT (dedupe_key) DO NOTHING",
         )?;
@@ -300,7 +324,9 @@ impl StoreTx for Tx<'_> {
     }
 
     fn get_record_head(&mut self, kind: &str, key: &str) -> Result<Option<RecordHead>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
+        let stmt = hot(
+            &mut self.hot.record_head,
+            self.conn,
             "SELECT hash, occurred_at, version FROM records WHERE kind = ?1 AND key = ?2",
         )?;
         Ok(stmt
@@ -315,16 +341,17 @@ impl StoreTx for Tx<'_> {
     }
 
     fn put_record_row(&mut self, r: &RecordRow<'_>) -> Result<(), StoreError> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
-                 ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc, hash = excluded.hash,
-                   occurred_at = excluded.occurred_at, changed_at = excluded.changed_at,
-                   changed_by = excluded.changed_by, seen_at = excluded.seen_at,
-                   seen_by = excluded.seen_by, version = excluded.version",
-            )?
-            .execute(params![
+        hot(
+            &mut self.hot.put_record,
+            self.conn,
+            "INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+             ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc, hash = excluded.hash,
+               occurred_at = excluded.occurred_at, changed_at = excluded.changed_at,
+               changed_by = excluded.changed_by, seen_at = excluded.seen_at,
+               seen_by = excluded.seen_by, version = excluded.version",
+        )?
+        .execute(params![
                 r.kind,
                 r.key,
                 r.doc_json,
@@ -715,6 +742,7 @@ impl Store for SqliteStore {
             f(&mut Tx {
                 conn: c,
                 last_payload: None,
+                hot: HotStatements::default(),
             })
         })
     }
