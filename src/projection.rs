@@ -1,5 +1,6 @@
 //! Projection building blocks shared by every source.
 
+use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
@@ -17,7 +18,10 @@ pub struct SnapshotDoc {
 }
 
 impl SnapshotDoc {
-    pub fn new(doc: &Value) -> Result<Self, StoreError> {
+    /// Any serialisable document: a `Value` (keys in order), or a typed document straight from
+    /// its struct, without building a `Value` first (fields in declaration order; its maps must
+    /// be ordered ones, so equal documents serialise to equal bytes).
+    pub fn new(doc: &(impl Serialize + ?Sized)) -> Result<Self, StoreError> {
         let json = serde_json::to_string(doc)
             .map_err(|e| StoreError::Failed(format!("cannot serialise a snapshot: {e}")))?;
         let hash = hash_bytes(json.as_bytes());

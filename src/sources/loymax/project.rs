@@ -21,7 +21,7 @@ use crate::{
     clock::to_rfc3339,
     consent::{record_consent, Address, Channel, ConsentChange, ConsentState},
     envelope::{Applied, ApplyContext, ApplyError},
-    projection::apply_snapshot,
+    projection::{apply_snapshot, apply_snapshot_doc, SnapshotDoc},
     store::{HistoryEntry, Record, StoreError, StoreTx},
 };
 
@@ -170,13 +170,14 @@ impl<T: Serialize + DeserializeOwned + Default> Doc<T> {
     /// Field-level ordering is already decided, so the record-level staleness guard of
     /// `apply_snapshot` must not refuse the write: it gets the newest time either side knows.
     fn save(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
-        let doc = serde_json::to_value(&self.doc)
-            .map_err(|e| StoreError::Failed(format!("cannot serialise {}: {e}", self.kind)))?;
+        // Serialised straight from the typed document (its maps are BTreeMaps: equal documents,
+        // equal bytes), never through a `Value`.
+        let doc = SnapshotDoc::new(&self.doc)?;
         let ctx = ApplyContext {
             occurred_at: self.occurred_at.max(ctx.occurred_at),
             ..*ctx
         };
-        Ok(apply_snapshot(tx, self.kind, &self.key, &doc, &ctx)?)
+        Ok(apply_snapshot_doc(tx, self.kind, &self.key, &doc, &ctx)?)
     }
 }
 
@@ -845,7 +846,7 @@ fn purchase(
     out: &mut Outcome,
 ) -> Result<(), ApplyError> {
     let kind = if refund { REFUND } else { PURCHASE };
-    if tx.get_record(kind, &operation.id)?.is_some() {
+    if tx.get_record_head(kind, &operation.id)?.is_some() {
         return Ok(());
     }
     let mut m = Member::open(tx, &operation.member)?;
