@@ -434,8 +434,14 @@ async fn main() {
     ] {
         let _ = ch.queue_delete(QueueDeleteArguments::new(&q)).await;
     }
+    // Issue 2's goal is for the embedded store; issue 7's for one PostgreSQL instance.
+    let goal = match (o.store.as_str(), o.instances) {
+        ("postgres", 1) => "goal >= 0.6",
+        ("postgres", _) => "reported, no goal",
+        _ => "goal >= 0.75",
+    };
     println!(
-        "median: bare {:.0} msg/s, subgate {:.0} msg/s, ratio b/a {:.2} (goal >= 0.75); subgate peak RSS {:.1} MB (goal <= 100 MB)",
+        "median: bare {:.0} msg/s, subgate {:.0} msg/s, ratio b/a {:.2} ({goal}); subgate peak RSS {:.1} MB (goal <= 100 MB)",
         median(bare),
         median(sub),
         median(ratios),
