@@ -419,7 +419,23 @@ impl Worker {
     ) -> JoinHandle<Result<Vec<OutboxRow>, StoreError>> {
         let store = self.store.clone();
         let claim = self.claim_request();
-        tokio::task::spawn_blocking(move || store.record_then_claim(&attempts, &claim))
+        tokio::task::spawn_blocking(move || match store.record_then_claim(&attempts, &claim) {
+            Ok(rows) => Ok(rows),
+            // The claim must not take the answers down with it (they would be sent again once
+            // the leases expire, and their attempts would be missing): record them on their
+            // own (PostgreSQL: on another pooled connection), and claim nothing this time.
+            Err(e) if !attempts.is_empty() => {
+                tracing::warn!(
+                    destination = %claim.destination,
+                    error = %e,
+                    "recording and claiming in one transaction failed; recording alone"
+                );
+                store
+                    .record_attempts(&claim.destination, &claim.owner, &attempts)
+                    .map(|()| Vec::new())
+            }
+            Err(e) => Err(e),
+        })
     }
 
     /// Deliver until nothing is due (or `stop`), pipelined: while batch k+1 is on the wire,

@@ -29,7 +29,10 @@ use subgate::{
         event::{canonical_event, ContactView, EventMeta, Outbound},
         Worker,
     },
-    store::{AttemptRow, DeliveryFilter, DeliveryState, NewOutboxRow, OutboxRow, Store},
+    store::{
+        AttemptRecord, AttemptRow, ClaimRequest, DeliveryFilter, DeliveryState, NewOutboxRow,
+        OutboxRow, Store, StoreError,
+    },
 };
 
 use crate::{
@@ -1250,4 +1253,147 @@ async fn akinon_subscribe_user_reaches_the_webhook_with_its_contact_view() {
                "last_name": "User", "birth_date": "1990-01-01", "gender": "male", "opt_in": true})
     );
     app.stop().await.unwrap();
+}
+
+/// A store whose first `record_then_claim` carrying answers fails (a dropped connection, say).
+struct ClaimFailsOnce {
+    inner: Arc<dyn Store>,
+    failed: Mutex<bool>,
+}
+
+impl Store for ClaimFailsOnce {
+    fn migrate(&self) -> Result<usize, StoreError> {
+        self.inner.migrate()
+    }
+    fn write(
+        &self,
+        f: &mut dyn FnMut(&mut dyn subgate::store::StoreTx) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        self.inner.write(f)
+    }
+    fn get_record(
+        &self,
+        kind: &str,
+        key: &str,
+    ) -> Result<Option<subgate::store::Record>, StoreError> {
+        self.inner.get_record(kind, key)
+    }
+    fn links_to(&self, kind: &str, to: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.links_to(kind, to)
+    }
+    fn links_from(&self, kind: &str, from: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.links_from(kind, from)
+    }
+    fn history(
+        &self,
+        kind: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<subgate::store::HistoryEntry>, StoreError> {
+        self.inner.history(kind, key, limit)
+    }
+    fn history_between(
+        &self,
+        kind: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<subgate::store::HistoryEntry>, StoreError> {
+        self.inner.history_between(kind, from, to, limit)
+    }
+    fn inbox_event(&self, id: i64) -> Result<Option<subgate::store::InboxEvent>, StoreError> {
+        self.inner.inbox_event(id)
+    }
+    fn inbox_stats(&self, source: Option<&str>) -> Result<subgate::store::InboxStats, StoreError> {
+        self.inner.inbox_stats(source)
+    }
+    fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping()
+    }
+    fn claim_deliveries(&self, claim: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
+        self.inner.claim_deliveries(claim)
+    }
+    fn record_attempts(
+        &self,
+        destination: &str,
+        owner: &str,
+        attempts: &[AttemptRecord],
+    ) -> Result<(), StoreError> {
+        self.inner.record_attempts(destination, owner, attempts)
+    }
+    fn record_then_claim(
+        &self,
+        attempts: &[AttemptRecord],
+        claim: &ClaimRequest,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        let mut failed = self.failed.lock().unwrap();
+        if !attempts.is_empty() && !*failed {
+            *failed = true;
+            return Err(StoreError::Unavailable("connection reset".into()));
+        }
+        drop(failed);
+        self.inner.record_then_claim(attempts, claim)
+    }
+    fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
+        self.inner.release_leases(owner)
+    }
+    fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<OutboxRow>, StoreError> {
+        self.inner.list_deliveries(filter)
+    }
+    fn delivery(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        self.inner.delivery(id)
+    }
+    fn delivery_attempts(&self, outbox_id: i64) -> Result<Vec<AttemptRow>, StoreError> {
+        self.inner.delivery_attempts(outbox_id)
+    }
+}
+
+#[tokio::test]
+async fn answers_are_recorded_when_the_transaction_that_also_claims_fails() {
+    let provider = Provider::start().await;
+    let (settings, inner) = outbox(&webhook(
+        "crm",
+        &provider.url("/h"),
+        ", batch_size=2, concurrency=1",
+    ));
+    let rows: Vec<_> = (1..=6)
+        .map(|i| {
+            let entity = format!("E{i}");
+            (
+                "crm",
+                "E",
+                customer_event(i, &entity, 1, None),
+                false,
+                "0,0",
+            )
+        })
+        .collect();
+    // One ordering key: each row waits for the one before, so every answer is recorded
+    // together with the claim of the next.
+    let ids = enqueue(&inner, &rows);
+    let failing = Arc::new(ClaimFailsOnce {
+        inner: inner.clone(),
+        failed: Mutex::new(false),
+    });
+    let store: Arc<dyn Store> = failing.clone();
+    let mut w = worker(&settings, &store, 0);
+    let stop = tokio_util::sync::CancellationToken::new();
+    for _ in 0..10 {
+        // As `serve` does, a failed drain is simply run again.
+        let _ = w.drain(&stop).await;
+        if inner.delivery_stats("crm").unwrap().pending == 0 {
+            break;
+        }
+    }
+    assert!(*failing.failed.lock().unwrap(), "the failure was injected");
+    for id in &ids {
+        let r = row(&inner, *id).await;
+        assert_eq!(
+            (r.state, r.attempts),
+            (DeliveryState::Delivered, 1),
+            "row {id}"
+        );
+        assert_eq!(attempts(&inner, *id).await.len(), 1, "row {id}");
+    }
+    assert_eq!(provider.seen().len(), 6, "nothing sent twice");
 }
