@@ -278,11 +278,10 @@ fn hot<'s, 'c>(
     conn: &'c Connection,
     sql: &str,
 ) -> Result<&'s mut CachedStatement<'c>, StoreError> {
-    if slot.is_none() {
-        *slot = Some(conn.prepare_cached(sql)?);
-    }
-    slot.as_mut()
-        .ok_or_else(|| StoreError::Failed("statement not prepared".into()))
+    Ok(match slot {
+        Some(stmt) => stmt,
+        None => slot.insert(conn.prepare_cached(sql)?),
+    })
 }
 
 impl StoreTx for Tx<'_> {

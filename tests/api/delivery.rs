@@ -29,15 +29,12 @@ use subgate::{
         event::{canonical_event, ContactView, EventMeta, Outbound},
         Worker,
     },
-    store::{
-        AttemptRecord, AttemptRow, ClaimRequest, DeliveryFilter, DeliveryState, NewOutboxRow,
-        OutboxRow, Store, StoreError,
-    },
+    store::{AttemptRow, DeliveryFilter, DeliveryState, NewOutboxRow, OutboxRow, Store},
 };
 
 use crate::{
     erp::ErpQueues,
-    helpers::{eventually, query, spawn_app, temp_dir, test_settings, unique, Broker},
+    helpers::{eventually, query, spawn_app, temp_dir, test_settings, unique, Broker, HookedStore},
 };
 
 /// `whsec_` + base64("subgate-test-secret").
@@ -1255,99 +1252,6 @@ async fn akinon_subscribe_user_reaches_the_webhook_with_its_contact_view() {
     app.stop().await.unwrap();
 }
 
-/// A store whose first `record_then_claim` carrying answers fails (a dropped connection, say).
-struct ClaimFailsOnce {
-    inner: Arc<dyn Store>,
-    failed: Mutex<bool>,
-}
-
-impl Store for ClaimFailsOnce {
-    fn migrate(&self) -> Result<usize, StoreError> {
-        self.inner.migrate()
-    }
-    fn write(
-        &self,
-        f: &mut dyn FnMut(&mut dyn subgate::store::StoreTx) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        self.inner.write(f)
-    }
-    fn get_record(
-        &self,
-        kind: &str,
-        key: &str,
-    ) -> Result<Option<subgate::store::Record>, StoreError> {
-        self.inner.get_record(kind, key)
-    }
-    fn links_to(&self, kind: &str, to: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.links_to(kind, to)
-    }
-    fn links_from(&self, kind: &str, from: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.links_from(kind, from)
-    }
-    fn history(
-        &self,
-        kind: &str,
-        key: &str,
-        limit: usize,
-    ) -> Result<Vec<subgate::store::HistoryEntry>, StoreError> {
-        self.inner.history(kind, key, limit)
-    }
-    fn history_between(
-        &self,
-        kind: &str,
-        from: i64,
-        to: i64,
-        limit: usize,
-    ) -> Result<Vec<subgate::store::HistoryEntry>, StoreError> {
-        self.inner.history_between(kind, from, to, limit)
-    }
-    fn inbox_event(&self, id: i64) -> Result<Option<subgate::store::InboxEvent>, StoreError> {
-        self.inner.inbox_event(id)
-    }
-    fn inbox_stats(&self, source: Option<&str>) -> Result<subgate::store::InboxStats, StoreError> {
-        self.inner.inbox_stats(source)
-    }
-    fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping()
-    }
-    fn claim_deliveries(&self, claim: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
-        self.inner.claim_deliveries(claim)
-    }
-    fn record_attempts(
-        &self,
-        destination: &str,
-        owner: &str,
-        attempts: &[AttemptRecord],
-    ) -> Result<(), StoreError> {
-        self.inner.record_attempts(destination, owner, attempts)
-    }
-    fn record_then_claim(
-        &self,
-        attempts: &[AttemptRecord],
-        claim: &ClaimRequest,
-    ) -> Result<Vec<OutboxRow>, StoreError> {
-        let mut failed = self.failed.lock().unwrap();
-        if !attempts.is_empty() && !*failed {
-            *failed = true;
-            return Err(StoreError::Unavailable("connection reset".into()));
-        }
-        drop(failed);
-        self.inner.record_then_claim(attempts, claim)
-    }
-    fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
-        self.inner.release_leases(owner)
-    }
-    fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<OutboxRow>, StoreError> {
-        self.inner.list_deliveries(filter)
-    }
-    fn delivery(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
-        self.inner.delivery(id)
-    }
-    fn delivery_attempts(&self, outbox_id: i64) -> Result<Vec<AttemptRow>, StoreError> {
-        self.inner.delivery_attempts(outbox_id)
-    }
-}
-
 #[tokio::test]
 async fn answers_are_recorded_when_the_transaction_that_also_claims_fails() {
     let provider = Provider::start().await;
@@ -1371,10 +1275,7 @@ async fn answers_are_recorded_when_the_transaction_that_also_claims_fails() {
     // One ordering key: each row waits for the one before, so every answer is recorded
     // together with the claim of the next.
     let ids = enqueue(&inner, &rows);
-    let failing = Arc::new(ClaimFailsOnce {
-        inner: inner.clone(),
-        failed: Mutex::new(false),
-    });
+    let failing = Arc::new(HookedStore::new(inner.clone()).failing_one_record_then_claim());
     let store: Arc<dyn Store> = failing.clone();
     let mut w = worker(&settings, &store, 0);
     let stop = tokio_util::sync::CancellationToken::new();
@@ -1385,7 +1286,10 @@ async fn answers_are_recorded_when_the_transaction_that_also_claims_fails() {
             break;
         }
     }
-    assert!(*failing.failed.lock().unwrap(), "the failure was injected");
+    assert!(
+        failing.record_then_claim_failed(),
+        "the failure was injected"
+    );
     for id in &ids {
         let r = row(&inner, *id).await;
         assert_eq!(

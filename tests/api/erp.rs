@@ -1,12 +1,12 @@
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use amqprs::BasicProperties;
 use serde_json::{json, Value};
-use subgate::store::{HistoryEntry, InboxEvent, InboxStats, Record, Store, StoreError, StoreTx};
+use subgate::store::InboxStats;
 
 use crate::helpers::{
     close_broker_connections, eventually, header, query, spawn_app, spawn_app_with_store, temp_dir,
-    test_settings, unique, Broker, TestApp,
+    test_settings, unique, Broker, HookedStore, TestApp,
 };
 
 pub const CUSTOMER_SEED: &str = r#"{
@@ -422,65 +422,6 @@ async fn rejected_inputs_land_in_the_dead_letter_queue_with_their_reason() {
     finish(app, queues, broker).await;
 }
 
-/// A store that runs a hook once, right after its first successful commit.
-struct HookedStore {
-    inner: Arc<dyn Store>,
-    after_first_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
-}
-
-impl Store for HookedStore {
-    fn migrate(&self) -> Result<usize, StoreError> {
-        self.inner.migrate()
-    }
-    fn write(
-        &self,
-        f: &mut dyn FnMut(&mut dyn StoreTx) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
-        let result = self.inner.write(f);
-        if result.is_ok() {
-            if let Some(hook) = self.after_first_commit.lock().unwrap().take() {
-                hook();
-            }
-        }
-        result
-    }
-    fn get_record(&self, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {
-        self.inner.get_record(kind, key)
-    }
-    fn links_to(&self, kind: &str, to: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.links_to(kind, to)
-    }
-    fn links_from(&self, kind: &str, from: &str) -> Result<Vec<String>, StoreError> {
-        self.inner.links_from(kind, from)
-    }
-    fn history(
-        &self,
-        kind: &str,
-        key: &str,
-        limit: usize,
-    ) -> Result<Vec<HistoryEntry>, StoreError> {
-        self.inner.history(kind, key, limit)
-    }
-    fn history_between(
-        &self,
-        kind: &str,
-        from: i64,
-        to: i64,
-        limit: usize,
-    ) -> Result<Vec<HistoryEntry>, StoreError> {
-        self.inner.history_between(kind, from, to, limit)
-    }
-    fn inbox_event(&self, id: i64) -> Result<Option<InboxEvent>, StoreError> {
-        self.inner.inbox_event(id)
-    }
-    fn inbox_stats(&self, source: Option<&str>) -> Result<InboxStats, StoreError> {
-        self.inner.inbox_stats(source)
-    }
-    fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping()
-    }
-}
-
 #[tokio::test]
 async fn redelivered_message_is_acked_without_second_apply() {
     let queues = ErpQueues::new();
@@ -491,12 +432,9 @@ async fn redelivered_message_is_acked_without_second_apply() {
     let inner = subgate::startup::open_store(&settings, true).unwrap();
     // After the message is committed and before it is acked, the broker closes the channel.
     let name = connection_name.clone();
-    let store = Arc::new(HookedStore {
-        inner,
-        after_first_commit: Mutex::new(Some(Box::new(move || {
-            assert_eq!(close_broker_connections(&name), 1);
-        }))),
-    });
+    let store = Arc::new(HookedStore::new(inner).after_first_commit(move || {
+        assert_eq!(close_broker_connections(&name), 1);
+    }));
     let app = spawn_app_with_store(dir, &overrides, store).await;
     app.wait_ready().await;
     let broker = Broker::connect().await;

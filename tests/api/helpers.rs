@@ -1,7 +1,15 @@
 //! Test harness: spawn the real application in-process on a random port with its own SQLite
 //! file and its own queue names, against the real RabbitMQ on this machine.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
 use amqprs::{
     channel::{
@@ -14,7 +22,10 @@ use amqprs::{
 use subgate::{
     config::{ConfigSource, Settings},
     startup::Application,
-    store::Store,
+    store::{
+        AttemptRecord, AttemptRow, ClaimRequest, DeliveryFilter, HistoryEntry, InboxEvent,
+        InboxStats, OutboxRow, Record, Store, StoreError, StoreTx,
+    },
 };
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -321,4 +332,129 @@ pub async fn query<T: Send + 'static>(
     tokio::task::spawn_blocking(move || f(store.as_ref()))
         .await
         .expect("query task")
+}
+
+/// A store that passes everything to `inner`, with faults and hooks a test switches on.
+pub struct HookedStore {
+    inner: Arc<dyn Store>,
+    after_first_commit: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    fail_next_record_then_claim: AtomicBool,
+}
+
+impl HookedStore {
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        Self {
+            inner,
+            after_first_commit: Mutex::new(None),
+            fail_next_record_then_claim: AtomicBool::new(false),
+        }
+    }
+
+    /// Run `hook` once, right after the first successful commit.
+    pub fn after_first_commit(self, hook: impl FnOnce() + Send + 'static) -> Self {
+        *self.after_first_commit.lock().unwrap() = Some(Box::new(hook));
+        self
+    }
+
+    /// Fail the first `record_then_claim` that carries answers (a dropped connection, say).
+    pub fn failing_one_record_then_claim(self) -> Self {
+        self.fail_next_record_then_claim
+            .store(true, Ordering::SeqCst);
+        self
+    }
+
+    /// Whether the `record_then_claim` failure has happened.
+    pub fn record_then_claim_failed(&self) -> bool {
+        !self.fail_next_record_then_claim.load(Ordering::SeqCst)
+    }
+}
+
+impl Store for HookedStore {
+    fn migrate(&self) -> Result<usize, StoreError> {
+        self.inner.migrate()
+    }
+    fn write(
+        &self,
+        f: &mut dyn FnMut(&mut dyn StoreTx) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let result = self.inner.write(f);
+        if result.is_ok() {
+            if let Some(hook) = self.after_first_commit.lock().unwrap().take() {
+                hook();
+            }
+        }
+        result
+    }
+    fn get_record(&self, kind: &str, key: &str) -> Result<Option<Record>, StoreError> {
+        self.inner.get_record(kind, key)
+    }
+    fn links_to(&self, kind: &str, to: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.links_to(kind, to)
+    }
+    fn links_from(&self, kind: &str, from: &str) -> Result<Vec<String>, StoreError> {
+        self.inner.links_from(kind, from)
+    }
+    fn history(
+        &self,
+        kind: &str,
+        key: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.inner.history(kind, key, limit)
+    }
+    fn history_between(
+        &self,
+        kind: &str,
+        from: i64,
+        to: i64,
+        limit: usize,
+    ) -> Result<Vec<HistoryEntry>, StoreError> {
+        self.inner.history_between(kind, from, to, limit)
+    }
+    fn inbox_event(&self, id: i64) -> Result<Option<InboxEvent>, StoreError> {
+        self.inner.inbox_event(id)
+    }
+    fn inbox_stats(&self, source: Option<&str>) -> Result<InboxStats, StoreError> {
+        self.inner.inbox_stats(source)
+    }
+    fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping()
+    }
+    fn claim_deliveries(&self, claim: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
+        self.inner.claim_deliveries(claim)
+    }
+    fn record_attempts(
+        &self,
+        destination: &str,
+        owner: &str,
+        attempts: &[AttemptRecord],
+    ) -> Result<(), StoreError> {
+        self.inner.record_attempts(destination, owner, attempts)
+    }
+    fn record_then_claim(
+        &self,
+        attempts: &[AttemptRecord],
+        claim: &ClaimRequest,
+    ) -> Result<Vec<OutboxRow>, StoreError> {
+        if !attempts.is_empty()
+            && self
+                .fail_next_record_then_claim
+                .swap(false, Ordering::SeqCst)
+        {
+            return Err(StoreError::Unavailable("connection reset".into()));
+        }
+        self.inner.record_then_claim(attempts, claim)
+    }
+    fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
+        self.inner.release_leases(owner)
+    }
+    fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<OutboxRow>, StoreError> {
+        self.inner.list_deliveries(filter)
+    }
+    fn delivery(&self, id: i64) -> Result<Option<OutboxRow>, StoreError> {
+        self.inner.delivery(id)
+    }
+    fn delivery_attempts(&self, outbox_id: i64) -> Result<Vec<AttemptRow>, StoreError> {
+        self.inner.delivery_attempts(outbox_id)
+    }
 }
