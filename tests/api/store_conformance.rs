@@ -807,7 +807,7 @@ fn consent_ledger_records_changes_and_ignores_stale_ones(backend: Backend) {
 }
 
 /// Queue outbox rows in one ingest transaction: (destination, entity, payload, coalesce).
-fn queue(store: &Arc<dyn Store>, rows: &[(&str, &str, &str, bool)]) -> Vec<i64> {
+pub fn queue(store: &Arc<dyn Store>, rows: &[(&str, &str, &str, bool)]) -> Vec<i64> {
     let mut ids = vec![];
     store
         .write(&mut |tx| {
@@ -831,7 +831,7 @@ fn queue(store: &Arc<dyn Store>, rows: &[(&str, &str, &str, bool)]) -> Vec<i64> 
     ids
 }
 
-fn claim(destination: &str, owner: &str, now: i64, limit: usize) -> ClaimRequest {
+pub fn claim(destination: &str, owner: &str, now: i64, limit: usize) -> ClaimRequest {
     ClaimRequest {
         destination: destination.into(),
         owner: owner.into(),
