@@ -392,3 +392,49 @@ fn claiming_from_a_backlog_reads_few_pages_even_with_statistics_from_an_empty_ou
     assert_eq!(claimed.len(), 128);
     assert_eq!(claimed[0].entity, "erp:0");
 }
+
+/// A retention chunk reads what it purges, not the whole outbox: the payload check was planned
+/// as a hash anti-join over every outbox row, once per chunk (so purging a large outbox took time
+/// quadratic in its size).
+#[test]
+fn a_retention_chunk_probes_the_outbox_per_payload_instead_of_reading_all_of_it() {
+    let (store, url) = fresh_store(Backend::Postgres);
+    drop(store);
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO outbox_payloads (id, payload) SELECT g, '{}' FROM generate_series(1, 50000) g;
+             INSERT INTO outbox (destination, source, kind, entity, inbox_id, payload_id, schedule,
+                                 created_at, next_attempt_at, state, finished_at)
+               SELECT 'crm', 'erp', 'customer.changed', 'erp:' || g, g, g, '5000', 1, 1,
+                      'delivered', 10
+               FROM generate_series(1, 50000) g;
+             INSERT INTO delivery_attempts (outbox_id, destination, attempt, started_at, latency_ms, outcome)
+               SELECT g, 'crm', 1, 1, 1, 'delivered' FROM generate_series(1, 50000) g;
+             ANALYZE",
+        )
+        .unwrap();
+    let mut tx = client.transaction().unwrap();
+    let plan: Vec<String> = tx
+        .query(
+            &format!(
+                "EXPLAIN (ANALYZE, COSTS OFF) {}",
+                subgate::store::postgres::PURGE_FINISHED
+            ),
+            &[&100i64, &2_000i64],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.rollback().unwrap();
+    let text = plan.join("\n");
+    assert!(
+        !text.contains("Seq Scan"),
+        "a chunk of 2,000 scans a table:\n{text}"
+    );
+    assert!(
+        text.contains("Delete on outbox_payloads p (actual time") && text.contains("rows=2000"),
+        "the chunk purges 2,000 rows:\n{text}"
+    );
+}
