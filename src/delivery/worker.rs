@@ -335,6 +335,13 @@ impl Worker {
         tokio::task::spawn_blocking(move || store.record_attempts(&destination, &owner, &attempts))
     }
 
+    /// Give back every lease this worker holds (its rows go out again later: at least once).
+    fn spawn_release(&self) -> JoinHandle<Result<usize, StoreError>> {
+        let store = self.store.clone();
+        let (destination, owner) = (self.destination.clone(), self.owner.clone());
+        tokio::task::spawn_blocking(move || store.release_leases(&destination, &owner))
+    }
+
     /// Turn the transport's answers into attempt records (and metrics).
     fn judge(&self, rows: &[OutboxRow], results: Vec<SendResult>) -> Judged {
         let now = crate::clock::now_ms();
@@ -475,12 +482,7 @@ impl Worker {
                 join(self.spawn_record(judged.attempts)).await?;
                 if !next.is_empty() {
                     // Claimed ahead but not sent: give them back before waiting.
-                    let store = self.store.clone();
-                    let owner = self.owner.clone();
-                    join(tokio::task::spawn_blocking(move || {
-                        store.release_leases(&owner)
-                    }))
-                    .await?;
+                    join(self.spawn_release()).await?;
                 }
                 self.pause_for(wait);
                 return Ok(total);
@@ -585,12 +587,7 @@ impl Worker {
                 if pausing && !queue.is_empty() {
                     // Claimed but not sent: give them back before waiting.
                     queue.clear();
-                    let store = self.store.clone();
-                    let owner = self.owner.clone();
-                    join(tokio::task::spawn_blocking(move || {
-                        store.release_leases(&owner)
-                    }))
-                    .await?;
+                    join(self.spawn_release()).await?;
                 }
                 break;
             }
@@ -686,13 +683,7 @@ impl Worker {
             }
         }
         self.transport.close().await;
-        let store = self.store.clone();
-        let owner = self.owner.clone();
-        match join(tokio::task::spawn_blocking(move || {
-            store.release_leases(&owner)
-        }))
-        .await
-        {
+        match join(self.spawn_release()).await {
             Ok(n) => {
                 tracing::info!(destination = %self.destination, released = n, "delivery worker stopped")
             }

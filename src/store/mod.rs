@@ -267,8 +267,11 @@ pub trait Store: Send + Sync + 'static {
         self.record_attempts(&claim.destination, &claim.owner, attempts)?;
         self.claim_deliveries(claim)
     }
-    /// Release every lease `owner` holds (graceful shutdown); returns how many.
-    fn release_leases(&self, _owner: &str) -> Result<usize, StoreError> {
+    /// Release every lease `owner` holds on `destination`'s rows (graceful shutdown, or a
+    /// provider's `Retry-After`); returns how many. The destination bounds the search to its
+    /// pending rows (SQLite has no index on the lease owner, and delivered history can be
+    /// millions of rows).
+    fn release_leases(&self, _destination: &str, _owner: &str) -> Result<usize, StoreError> {
         Err(no_outbox())
     }
     /// Rows matching the filter, oldest first.

@@ -1324,12 +1324,12 @@ impl Store for PostgresStore {
         })
     }
 
-    fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
+    fn release_leases(&self, destination: &str, owner: &str) -> Result<usize, StoreError> {
         self.with_reader(|c| {
             let n = c.execute(
                 "UPDATE outbox SET locked_until = NULL, lease_owner = NULL
-                 WHERE lease_owner = $1 AND state = 'pending'",
-                &[&owner],
+                 WHERE lease_owner = $1 AND state = 'pending' AND destination = $2",
+                &[&owner, &destination],
             )?;
             Ok(n as usize)
         })

@@ -885,14 +885,17 @@ impl Store for SqliteStore {
         })
     }
 
-    fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
+    fn release_leases(&self, destination: &str, owner: &str) -> Result<usize, StoreError> {
         let conn = self.lock_writer();
         in_write_tx(&conn, |c| {
+            // Through `outbox_pending_entity` (destination, pending): without the destination
+            // this was a scan of the whole outbox, delivered history included, under the write
+            // lock.
             Ok(c.prepare_cached(
                 "UPDATE outbox SET locked_until = NULL, lease_owner = NULL
-                 WHERE lease_owner = ?1 AND state = 'pending'",
+                 WHERE destination = ?1 AND state = 'pending' AND lease_owner = ?2",
             )?
-            .execute([owner])?)
+            .execute([destination, owner])?)
         })
     }
 

@@ -445,8 +445,8 @@ impl Store for HookedStore {
         }
         self.inner.record_then_claim(attempts, claim)
     }
-    fn release_leases(&self, owner: &str) -> Result<usize, StoreError> {
-        self.inner.release_leases(owner)
+    fn release_leases(&self, destination: &str, owner: &str) -> Result<usize, StoreError> {
+        self.inner.release_leases(destination, owner)
     }
     fn list_deliveries(&self, filter: &DeliveryFilter) -> Result<Vec<OutboxRow>, StoreError> {
         self.inner.list_deliveries(filter)

@@ -1029,7 +1029,12 @@ fn outbox_rows_are_claimed_then_delivered_retried_or_dead_and_dead_rows_replay(b
             .unwrap()),
         [c]
     );
-    assert_eq!(store.release_leases("w1").unwrap(), 1);
+    assert_eq!(
+        store.release_leases("other", "w1").unwrap(),
+        0,
+        "only the named destination's leases"
+    );
+    assert_eq!(store.release_leases("crm", "w1").unwrap(), 1);
     assert_eq!(store.delivery(c).unwrap().unwrap().locked_until, None);
 }
 
@@ -1075,7 +1080,7 @@ fn an_expired_lease_is_taken_over_and_the_old_owner_can_no_longer_record(backend
         store.delivery(id).unwrap().unwrap().state,
         DeliveryState::Delivered
     );
-    assert_eq!(store.release_leases("w2").unwrap(), 0);
+    assert_eq!(store.release_leases("crm", "w2").unwrap(), 0);
 }
 
 fn a_later_row_of_an_entity_waits_for_every_earlier_pending_one(backend: Backend) {
