@@ -360,59 +360,93 @@ fn coalesce_into_latest(
     Ok(())
 }
 
+/// What recording an attempt writes to its outbox row: (state, next attempt, finished at).
+fn attempt_outcome(a: &AttemptRecord) -> (&'static str, Option<i64>, Option<i64>) {
+    match a.result {
+        AttemptResult::Delivered => ("delivered", None, Some(a.started_at + a.latency_ms)),
+        AttemptResult::Dead => ("dead", None, Some(a.started_at + a.latency_ms)),
+        AttemptResult::Retry { next_attempt_at } => ("pending", Some(next_attempt_at), None),
+    }
+}
+
+/// Record a batch of attempts: each one's row in `delivery_attempts`, and its outbox row's new
+/// state (only while this owner's lease holds on it). One statement for the whole batch, the
+/// attempts' values as arrays (it was two statements, four round trips, per attempt). Should a
+/// batch hold two attempts of one row, both are kept and the row takes the later one's outcome.
 fn record_attempts(
     conn: &mut Conn,
     destination: &str,
     owner: &str,
     attempts: &[AttemptRecord],
 ) -> Result<(), StoreError> {
+    let n = attempts.len();
+    let (mut ids, mut numbers, mut started, mut latency) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut outcomes, mut statuses, mut errors, mut responses) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut states, mut nexts, mut finished) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for a in attempts {
-        let next = match a.result {
-            AttemptResult::Retry { next_attempt_at } => Some(next_attempt_at),
-            _ => None,
-        };
-        let (state, finished) = match a.result {
-            AttemptResult::Delivered => ("delivered", Some(a.started_at + a.latency_ms)),
-            AttemptResult::Dead => ("dead", Some(a.started_at + a.latency_ms)),
-            AttemptResult::Retry { .. } => ("pending", None),
-        };
-        let status = a.status.map(i64::from);
-        conn.execute(
-            "INSERT INTO delivery_attempts (outbox_id, destination, attempt, started_at, latency_ms,
-                                            outcome, status, error, response, next_attempt_at)
-             VALUES ($1, $10, $2, $3, $4, $5, $6, $7, $8, $9)",
-            &[
-                &a.outbox_id,
-                &a.attempt,
-                &a.started_at,
-                &a.latency_ms,
-                &a.result.as_str(),
-                &status,
-                &a.error,
-                &a.response,
-                &next,
-                &destination,
-            ],
-        )?;
-        conn.execute(
-            "UPDATE outbox SET state = $2, attempts = $3,
-                    next_attempt_at = COALESCE($4, next_attempt_at),
-                    locked_until = NULL, lease_owner = NULL, last_status = $5, last_error = $6,
-                    last_response = $7, finished_at = $8
-             WHERE id = $1 AND state = 'pending' AND lease_owner = $9",
-            &[
-                &a.outbox_id,
-                &state,
-                &a.attempt,
-                &next,
-                &status,
-                &a.error,
-                &a.response,
-                &finished,
-                &owner,
-            ],
-        )?;
+        let (state, next, done) = attempt_outcome(a);
+        ids.push(a.outbox_id);
+        numbers.push(a.attempt);
+        started.push(a.started_at);
+        latency.push(a.latency_ms);
+        outcomes.push(a.result.as_str());
+        statuses.push(a.status.map(i64::from));
+        errors.push(a.error.as_deref());
+        responses.push(a.response.as_deref());
+        states.push(state);
+        nexts.push(next);
+        finished.push(done);
     }
+    conn.execute(
+        "WITH a AS (
+           SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
+                                $6::int8[], $7::text[], $8::text[], $9::int8[], $10::text[],
+                                $11::int8[])
+             WITH ORDINALITY AS a(outbox_id, attempt, started_at, latency_ms, outcome, status,
+                                  error, response, next_attempt_at, state, finished_at, n)
+         ), recorded AS (
+           INSERT INTO delivery_attempts (outbox_id, destination, attempt, started_at, latency_ms,
+                                          outcome, status, error, response, next_attempt_at)
+           SELECT outbox_id, $12, attempt, started_at, latency_ms, outcome, status, error,
+                  response, next_attempt_at
+           FROM a ORDER BY n
+         )
+         UPDATE outbox o SET state = a.state, attempts = a.attempt,
+                next_attempt_at = COALESCE(a.next_attempt_at, o.next_attempt_at),
+                locked_until = NULL, lease_owner = NULL, last_status = a.status,
+                last_error = a.error, last_response = a.response, finished_at = a.finished_at
+         FROM (SELECT DISTINCT ON (outbox_id) * FROM a ORDER BY outbox_id, n DESC) a
+         WHERE o.id = a.outbox_id AND o.state = 'pending' AND o.lease_owner = $13",
+        &[
+            &ids,
+            &numbers,
+            &started,
+            &latency,
+            &outcomes,
+            &statuses,
+            &errors,
+            &responses,
+            &nexts,
+            &states,
+            &finished,
+            &destination,
+            &owner,
+        ],
+    )?;
     Ok(())
 }
 

@@ -115,6 +115,7 @@ on_both_backends!(
     claiming_snapshots_coalesces_them_into_the_latest,
     two_store_handles_claiming_concurrently_never_share_a_row_and_keep_entity_order,
     retention_purges_old_finished_rows_with_their_attempts_and_unshared_payloads,
+    a_batch_of_attempts_records_each_rows_outcome_and_skips_rows_leased_elsewhere,
 );
 
 fn inbox_dedupes_by_key_and_keeps_the_raw_bytes(backend: Backend) {
@@ -1448,4 +1449,89 @@ fn sqlite_wal_stays_bounded_under_delivery_bookkeeping_alone() {
         "the WAL grew to {wal} bytes for 50 MB of attempts"
     );
     assert_eq!(store.delivery_stats("crm").unwrap().pending, 0);
+}
+
+/// A batch of answers, recorded at once: each attempt is kept with what came back (or the error
+/// when nothing did), and each row changes only while the recording worker's lease holds on it.
+fn a_batch_of_attempts_records_each_rows_outcome_and_skips_rows_leased_elsewhere(backend: Backend) {
+    let (store, _) = fresh_store(backend);
+    let rows: Vec<(String, &str)> = (0..40).map(|i| (format!("test:{i}"), "{}")).collect();
+    let queued = queue(
+        &store,
+        &rows
+            .iter()
+            .map(|(e, p)| ("crm", e.as_str(), *p, false))
+            .collect::<Vec<_>>(),
+    );
+    let mine = store
+        .claim_deliveries(&claim("crm", "w1", 2_000, 30))
+        .unwrap();
+    let theirs = store
+        .claim_deliveries(&claim("crm", "w2", 2_000, 10))
+        .unwrap();
+    assert_eq!((mine.len(), theirs.len()), (30, 10));
+    let timeout = |id| AttemptRecord {
+        status: None,
+        error: Some("timeout: Ünlü sağlayıcı".into()),
+        response: None,
+        ..attempt(
+            id,
+            1,
+            AttemptResult::Retry {
+                next_attempt_at: 9_000,
+            },
+        )
+    };
+    let mut answers: Vec<AttemptRecord> = mine
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match i % 3 {
+            0 => attempt(r.id, 1, AttemptResult::Delivered),
+            1 => timeout(r.id),
+            _ => attempt(r.id, 1, AttemptResult::Dead),
+        })
+        .collect();
+    // An answer for a row w2 holds: its attempt is kept, the row is not w1's to change.
+    answers.push(attempt(theirs[0].id, 1, AttemptResult::Delivered));
+    store.record_attempts("crm", "w1", &answers).unwrap();
+
+    for (i, r) in mine.iter().enumerate() {
+        let row = store.delivery(r.id).unwrap().unwrap();
+        let tries = store.delivery_attempts(r.id).unwrap();
+        assert_eq!(tries.len(), 1, "row {}", r.id);
+        assert_eq!((row.attempts, row.locked_until), (1, None));
+        match i % 3 {
+            0 => assert_eq!(
+                (row.state, row.finished_at, tries[0].status),
+                (DeliveryState::Delivered, Some(2_005), Some(200))
+            ),
+            1 => {
+                assert_eq!(
+                    (row.state, row.next_attempt_at, row.last_status),
+                    (DeliveryState::Pending, 9_000, None)
+                );
+                assert_eq!(row.last_error.as_deref(), Some("timeout: Ünlü sağlayıcı"));
+                assert_eq!(
+                    (
+                        tries[0].status,
+                        tries[0].error.as_deref(),
+                        tries[0].next_attempt_at
+                    ),
+                    (None, Some("timeout: Ünlü sağlayıcı"), Some(9_000))
+                );
+            }
+            _ => assert_eq!(
+                (row.state, row.last_response.as_deref()),
+                (DeliveryState::Dead, Some("body"))
+            ),
+        }
+    }
+    let other = store.delivery(theirs[0].id).unwrap().unwrap();
+    assert_eq!(
+        (other.state, other.attempts, other.locked_until),
+        (DeliveryState::Pending, 0, Some(3_000)),
+        "w2's lease holds"
+    );
+    assert_eq!(store.delivery_attempts(theirs[0].id).unwrap().len(), 1);
+    assert_eq!(queued.len(), 40);
 }
