@@ -3,7 +3,8 @@
 //! A local receiver answers 200 to every POST. In the same run, the same HTTP client (the one
 //! the webhook destination builds) sends the same N bodies twice:
 //! (a) a plain loop: the bodies, `concurrency` requests in flight, nothing recorded — the limit;
-//! (b) subgate: N rows in a fresh SQLite outbox (synchronous = full, as by default), drained by
+//! (b) subgate: N rows in a fresh outbox (SQLite with synchronous = full, as by default; with
+//!     `--store postgres`, a fresh database on 127.0.0.1:5432), drained by
 //!     one webhook worker as `serve` runs it (claim with a lease, sign, send, record every
 //!     attempt durably; the next batch claimed and the last one recorded while one is sent).
 //! Prints deliveries/s of both and the ratio b/a, per round (`--rounds`, default 3: the machine is
@@ -33,6 +34,8 @@ struct Options {
     concurrency: usize,
     batch: usize,
     rounds: usize,
+    /// sqlite | postgres (a fresh database per round on 127.0.0.1:5432)
+    store: String,
 }
 
 fn options() -> Options {
@@ -41,6 +44,7 @@ fn options() -> Options {
         concurrency: 16,
         batch: 512,
         rounds: 3,
+        store: "sqlite".into(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -51,6 +55,7 @@ fn options() -> Options {
             "--concurrency" => o.concurrency = v.parse().expect("--concurrency N"),
             "--batch" => o.batch = v.parse().expect("--batch N"),
             "--rounds" => o.rounds = v.parse().expect("--rounds N"),
+            "--store" if v == "sqlite" || v == "postgres" => o.store = v.clone(),
             other => panic!("unknown option {other}"),
         }
         i += 2;
@@ -192,26 +197,31 @@ async fn plain_loop(
 async fn through_outbox(settings: &Settings, store: Arc<dyn Store>, bodies: &[String]) -> Took {
     let schedule = "5000,30000";
     let now = subgate::clock::now_ms();
+    // The stores are synchronous (PostgreSQL's client runs its own runtime): called off the
+    // runtime's cooperative scheduling, as the worker's `spawn_blocking` does.
+    use tokio::task::block_in_place as blocking;
     for (chunk_index, chunk) in bodies.chunks(5000).enumerate() {
-        store
-            .write(&mut |tx| {
-                for (i, body) in chunk.iter().enumerate() {
-                    let n = chunk_index * 5000 + i;
-                    tx.insert_outbox(&NewOutboxRow {
-                        destination: "bench",
-                        source: "erp",
-                        kind: "customer.changed",
-                        entity: &format!("erp:{}", 1_000_000 + n),
-                        inbox_id: n as i64 + 1,
-                        payload: body,
-                        coalesce: false,
-                        schedule,
-                        created_at: now,
-                    })?;
-                }
-                Ok(())
-            })
-            .expect("outbox rows written");
+        blocking(|| {
+            store
+                .write(&mut |tx| {
+                    for (i, body) in chunk.iter().enumerate() {
+                        let n = chunk_index * 5000 + i;
+                        tx.insert_outbox(&NewOutboxRow {
+                            destination: "bench",
+                            source: "erp",
+                            kind: "customer.changed",
+                            entity: &format!("erp:{}", 1_000_000 + n),
+                            inbox_id: n as i64 + 1,
+                            payload: body,
+                            coalesce: false,
+                            schedule,
+                            created_at: now,
+                        })?;
+                    }
+                    Ok(())
+                })
+                .expect("outbox rows written")
+        });
     }
     let mut worker =
         Worker::new(settings, &settings.destinations[0], store).expect("webhook worker");
@@ -230,6 +240,7 @@ async fn through_outbox(settings: &Settings, store: Arc<dyn Store>, bodies: &[St
         cpu: cpu_time() - cpu,
     };
     assert_eq!(report.delivered, bodies.len());
+    blocking(move || drop(worker));
     took
 }
 
@@ -238,16 +249,27 @@ fn settings(dir: &std::path::Path, round: usize, url: &str, o: &Options) -> Sett
         r#"[{{name="bench", kind="webhook", url="{url}", secret="whsec_c3ViZ2F0ZS1iZW5jaA==", timeout="1s", concurrency={}, batch_size={}}}]"#,
         o.concurrency, o.batch
     );
+    let store_url = if o.store == "postgres" && round > 0 {
+        let name = format!("subgate_bench_delivery_{}", fastrand::u64(..));
+        let mut admin = postgres::Client::connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+            postgres::NoTls,
+        )
+        .expect("PostgreSQL on 127.0.0.1:5432");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .expect("create database");
+        format!("postgres://postgres@127.0.0.1:5432/{name}")
+    } else {
+        format!(
+            "sqlite://{}",
+            dir.join(format!("bench-{round}.db")).display()
+        )
+    };
     Settings::load(&ConfigSource {
         file: None,
         env: vec![
-            (
-                "SUBGATE__STORE__URL".into(),
-                format!(
-                    "sqlite://{}",
-                    dir.join(format!("bench-{round}.db")).display()
-                ),
-            ),
+            ("SUBGATE__STORE__URL".into(), store_url),
             ("SUBGATE__DESTINATIONS".into(), destination),
         ],
     })
@@ -279,16 +301,17 @@ async fn run() {
     let url = format!("http://{addr}/hooks");
     let dir = std::env::temp_dir().join(format!("subgate-bench-delivery-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    let first = settings(&dir, 0, &url, &o);
+    let first = tokio::task::block_in_place(|| settings(&dir, 0, &url, &o));
     let client = subgate::delivery::http_client(first.destinations[0].timeout).expect("client");
     let bodies = bodies(o.rows);
     let bytes: usize = bodies.iter().map(String::len).sum();
     println!(
-        "{} deliveries of {} bytes on average, concurrency {}, claim batch {}, sqlite synchronous = {:?}, {} rounds",
+        "{} deliveries of {} bytes on average, concurrency {}, claim batch {}, store {} (sqlite synchronous = {:?}), {} rounds",
         o.rows,
         bytes / o.rows.max(1),
         o.concurrency,
         o.batch,
+        o.store,
         first.store.sqlite_synchronous,
         o.rounds
     );
@@ -306,8 +329,11 @@ async fn run() {
     let (mut plains, mut outboxes, mut signeds) = (Vec::new(), Vec::new(), Vec::new());
     let (mut plain_cpu, mut outbox_cpu) = (Vec::new(), Vec::new());
     for round in 1..=o.rounds.max(1) {
-        let settings = settings(&dir, round, &url, &o);
-        let store = subgate::startup::open_store(&settings, true).expect("store");
+        let (settings, store) = tokio::task::block_in_place(|| {
+            let settings = settings(&dir, round, &url, &o);
+            let store = subgate::startup::open_store(&settings, true).expect("store");
+            (settings, store)
+        });
         let plain_took = plain_loop(&client, &url, &bodies, o.concurrency, false).await;
         let outbox_took = through_outbox(&settings, store, &bodies).await;
         let signed_took = plain_loop(&client, &url, &bodies, o.concurrency, true).await;

@@ -371,8 +371,8 @@ fn attempt_outcome(a: &AttemptRecord) -> (&'static str, Option<i64>, Option<i64>
 
 /// Record a batch of attempts: each one's row in `delivery_attempts`, and its outbox row's new
 /// state (only while this owner's lease holds on it). One statement for the whole batch, the
-/// attempts' values as arrays (it was two statements, four round trips, per attempt). Should a
-/// batch hold two attempts of one row, both are kept and the row takes the later one's outcome.
+/// attempts' values as arrays (it was two statements, four round trips, per attempt). A batch
+/// holds at most one attempt per row: a row is claimed again only once its attempt is recorded.
 fn record_attempts(
     conn: &mut Conn,
     destination: &str,
@@ -411,25 +411,29 @@ fn record_attempts(
         nexts.push(next);
         finished.push(done);
     }
+    // The arrays are read twice (parameters can be): an `unnest` in the `UPDATE`'s own `FROM`
+    // is joined by primary key, where a shared CTE was planned as a nested loop over a re-sorted
+    // subquery (100 ms for 512 attempts with statistics from a fresh outbox).
     conn.execute(
-        "WITH a AS (
-           SELECT * FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::text[],
-                                $6::int8[], $7::text[], $8::text[], $9::int8[], $10::text[],
-                                $11::int8[])
-             WITH ORDINALITY AS a(outbox_id, attempt, started_at, latency_ms, outcome, status,
-                                  error, response, next_attempt_at, state, finished_at, n)
-         ), recorded AS (
+        "WITH recorded AS (
            INSERT INTO delivery_attempts (outbox_id, destination, attempt, started_at, latency_ms,
                                           outcome, status, error, response, next_attempt_at)
-           SELECT outbox_id, $12, attempt, started_at, latency_ms, outcome, status, error,
-                  response, next_attempt_at
-           FROM a ORDER BY n
+           SELECT a.outbox_id, $12, a.attempt, a.started_at, a.latency_ms, a.outcome, a.status,
+                  a.error, a.response, a.next_attempt_at
+           FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::int8[], $5::text[], $6::int8[],
+                       $7::text[], $8::text[], $9::int8[])
+                  WITH ORDINALITY AS a(outbox_id, attempt, started_at, latency_ms, outcome,
+                                       status, error, response, next_attempt_at, n)
+           ORDER BY a.n
          )
          UPDATE outbox o SET state = a.state, attempts = a.attempt,
                 next_attempt_at = COALESCE(a.next_attempt_at, o.next_attempt_at),
                 locked_until = NULL, lease_owner = NULL, last_status = a.status,
                 last_error = a.error, last_response = a.response, finished_at = a.finished_at
-         FROM (SELECT DISTINCT ON (outbox_id) * FROM a ORDER BY outbox_id, n DESC) a
+         FROM unnest($1::int8[], $2::int8[], $6::int8[], $7::text[], $8::text[], $9::int8[],
+                     $10::text[], $11::int8[])
+                AS a(outbox_id, attempt, status, error, response, next_attempt_at, state,
+                     finished_at)
          WHERE o.id = a.outbox_id AND o.state = 'pending' AND o.lease_owner = $13",
         &[
             &ids,
