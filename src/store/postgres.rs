@@ -379,6 +379,9 @@ fn record_attempts(
     owner: &str,
     attempts: &[AttemptRecord],
 ) -> Result<(), StoreError> {
+    if attempts.is_empty() {
+        return Ok(());
+    }
     let n = attempts.len();
     let (mut ids, mut numbers, mut started, mut latency) = (
         Vec::with_capacity(n),
