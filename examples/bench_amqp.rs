@@ -6,6 +6,9 @@
 //! and (b) `subgate serve` end to end (decode, dedupe, project, durable commit, ack). Rounds
 //! alternate a/b; prints msg/s per round, the median ratio b/a and subgate's peak RSS.
 
+#[path = "support/pg_bench_db.rs"]
+mod pg_bench_db;
+
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
@@ -251,16 +254,7 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 fn store_url(store: &str, dir: &std::path::Path) -> String {
     if store == "postgres" {
-        let name = format!("subgate_bench_{}", fastrand::u64(..));
-        let mut admin = postgres::Client::connect(
-            "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-            postgres::NoTls,
-        )
-        .expect("PostgreSQL on 127.0.0.1:5432");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("create database");
-        format!("postgres://postgres@127.0.0.1:5432/{name}")
+        pg_bench_db::create("subgate_bench")
     } else {
         format!("sqlite://{}", dir.join("bench.db").display())
     }
@@ -367,6 +361,9 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
         let _ = c.wait();
     }
     let _ = std::fs::remove_dir_all(&dir);
+    tokio::task::spawn_blocking(move || pg_bench_db::drop(&url))
+        .await
+        .expect("database dropped");
     (rate, rss)
 }
 

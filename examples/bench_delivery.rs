@@ -12,6 +12,9 @@
 //! a fresh outbox, in the same process, with the same allocator as `subgate serve` (the system's),
 //! each in a runtime task as `serve` runs a worker.
 
+#[path = "support/pg_bench_db.rs"]
+mod pg_bench_db;
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -250,16 +253,7 @@ fn settings(dir: &std::path::Path, round: usize, url: &str, o: &Options) -> Sett
         o.concurrency, o.batch
     );
     let store_url = if o.store == "postgres" && round > 0 {
-        let name = format!("subgate_bench_delivery_{}", fastrand::u64(..));
-        let mut admin = postgres::Client::connect(
-            "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
-            postgres::NoTls,
-        )
-        .expect("PostgreSQL on 127.0.0.1:5432");
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .expect("create database");
-        format!("postgres://postgres@127.0.0.1:5432/{name}")
+        pg_bench_db::create("subgate_bench_delivery")
     } else {
         format!(
             "sqlite://{}",
@@ -353,6 +347,7 @@ async fn run() {
         for suffix in ["", "-wal", "-shm"] {
             let _ = std::fs::remove_file(dir.join(format!("bench-{round}.db{suffix}")));
         }
+        tokio::task::block_in_place(|| pg_bench_db::drop(&settings.store.url));
         plains.push(plain);
         outboxes.push(outbox);
         signeds.push(signed);

@@ -40,7 +40,40 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// The test process that made a [`unique`] name (`…-{pid}-{8 hex digits}`, or with `_` for
+/// database names), if the name is one.
+pub fn maker_of(name: &str, separator: char) -> Option<u32> {
+    let mut parts = name.rsplitn(3, separator);
+    let suffix = parts.next()?;
+    let pid = parts.next()?.parse().ok()?;
+    parts.next()?;
+    (suffix.len() == 8 && suffix.bytes().all(|b| b.is_ascii_hexdigit())).then_some(pid)
+}
+
+/// Whether an earlier test process that made a [`unique`] name is gone (its leftovers can go).
+pub fn maker_is_gone(pid: u32) -> bool {
+    pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Remove the temporary directories of test processes that are gone (every run used to leave
+/// ~200 of them, SQLite files included, and a crashed run leaves all); `temp_dir` does it once
+/// per test process.
+pub fn sweep_temp_dirs_of_gone_tests() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with("test-") && maker_of(name, '-').is_some_and(maker_is_gone) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 pub fn temp_dir(prefix: &str) -> PathBuf {
+    static SWEEP: std::sync::Once = std::sync::Once::new();
+    SWEEP.call_once(sweep_temp_dirs_of_gone_tests);
     let dir = std::env::temp_dir().join(unique(prefix));
     std::fs::create_dir_all(&dir).expect("create temp dir");
     dir
@@ -457,4 +490,27 @@ impl Store for HookedStore {
     fn delivery_attempts(&self, outbox_id: i64) -> Result<Vec<AttemptRow>, StoreError> {
         self.inner.delivery_attempts(outbox_id)
     }
+}
+
+#[test]
+fn temp_dirs_of_gone_test_processes_are_swept_and_live_ones_kept() {
+    assert_eq!(
+        maker_of("test-pg-instances-24186-c77ece59", '-'),
+        Some(24186)
+    );
+    assert_eq!(maker_of("test_db_24186_c77ece59", '_'), Some(24186));
+    assert_eq!(maker_of("test-notes", '-'), None);
+    assert_eq!(maker_of("test-x-12-notahex!", '-'), None);
+    // pid_max is at most 2^22: no process has this id.
+    let gone = std::env::temp_dir().join(format!(
+        "test-sweep-{}-{:08x}",
+        4_194_400,
+        fastrand::u32(..)
+    ));
+    std::fs::create_dir_all(&gone).unwrap();
+    std::fs::write(gone.join("s.db"), b"x").unwrap();
+    let live = temp_dir("sweep");
+    sweep_temp_dirs_of_gone_tests();
+    assert!(!gone.exists(), "a gone process's directory is removed");
+    assert!(live.exists(), "this process's directory stays");
 }
