@@ -332,6 +332,28 @@ async fn two_instances_deliver_each_outbox_row_once_in_per_entity_order() {
         .unwrap();
 }
 
+/// The plan of `sql` as run (`EXPLAIN (ANALYZE, {options} COSTS OFF)`), one line per item, in
+/// a transaction rolled back afterwards (the statement's writes and locks are undone).
+fn explain_analyze(
+    client: &mut postgres::Client,
+    options: &str,
+    sql: &str,
+    params: &[&(dyn postgres::types::ToSql + Sync)],
+) -> Vec<String> {
+    let mut tx = client.transaction().unwrap();
+    let plan = tx
+        .query(
+            &format!("EXPLAIN (ANALYZE, {options} COSTS OFF) {sql}"),
+            params,
+        )
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.rollback().unwrap();
+    plan
+}
+
 /// Claiming probes each candidate's key whatever the planner's statistics say. With the outbox
 /// analysed while it was empty (autovacuum lags behind a burst), the former `NOT EXISTS` guard
 /// was planned as a scan of every pending row per candidate: 302,000 buffers and 0.9 s to claim
@@ -351,20 +373,12 @@ fn claiming_from_a_backlog_reads_few_pages_even_with_statistics_from_an_empty_ou
     queue(&store, &rows);
 
     let now = 1_000_000i64;
-    let mut tx = client.transaction().unwrap();
-    let plan: Vec<String> = tx
-        .query(
-            &format!(
-                "EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) {}",
-                subgate::store::postgres::CLAIM_CANDIDATES
-            ),
-            &[&"crm", &now, &128i64],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    tx.rollback().unwrap();
+    let plan = explain_analyze(
+        &mut client,
+        "BUFFERS,",
+        subgate::store::postgres::CLAIM_CANDIDATES,
+        &[&"crm", &now, &128i64],
+    );
     let text = plan.join("\n");
     assert!(
         text.contains("rows=128 loops=1"),
@@ -416,20 +430,12 @@ fn a_retention_chunk_probes_the_outbox_per_payload_instead_of_reading_all_of_it(
              ANALYZE",
         )
         .unwrap();
-    let mut tx = client.transaction().unwrap();
-    let plan: Vec<String> = tx
-        .query(
-            &format!(
-                "EXPLAIN (ANALYZE, COSTS OFF) {}",
-                subgate::store::postgres::PURGE_FINISHED
-            ),
-            &[&100i64, &2_000i64],
-        )
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    tx.rollback().unwrap();
+    let plan = explain_analyze(
+        &mut client,
+        "",
+        subgate::store::postgres::PURGE_FINISHED,
+        &[&100i64, &2_000i64],
+    );
     let text = plan.join("\n");
     // The payload check probes the outbox per payload (the old anti-join read all of it).
     assert!(
