@@ -464,6 +464,16 @@ const OUTBOX_COLUMNS: &str = "id, destination, source, kind, entity, inbox_id,
     schedule, created_at, state, attempts, next_attempt_at, locked_until, last_status, last_error,
     last_response, finished_at, superseded_by, replays";
 
+/// [`OUTBOX_COLUMNS`] for the claim, which joins the payload (`p`) to the row (`o`): a join opens
+/// the payload cursor once per statement, where the scalar subquery opens it once per row (about
+/// 6% of the claim query's CPU). The guard stays a `NOT EXISTS`: written as `LEFT JOIN … IS NULL`
+/// it would walk every earlier pending row of a key (36 s for one claim behind 20,000 pending
+/// rows of one key, against 19 ms).
+const CLAIM_COLUMNS: &str = "o.id, o.destination, o.source, o.kind, o.entity, o.inbox_id,
+    p.payload, o.coalesce, o.schedule, o.created_at, o.state, o.attempts, o.next_attempt_at,
+    o.locked_until, o.last_status, o.last_error, o.last_response, o.finished_at, o.superseded_by,
+    o.replays";
+
 fn read_outbox(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
     let state: String = row.get(10)?;
     Ok(OutboxRow {
@@ -549,13 +559,13 @@ fn claim_deliveries(conn: &Connection, c: &ClaimRequest) -> Result<Vec<OutboxRow
     let limit = i64::try_from(c.limit).unwrap_or(i64::MAX);
     let mut heads = conn
         .prepare_cached(&format!(
-            "SELECT {OUTBOX_COLUMNS} FROM outbox o
-             WHERE destination = ?1 AND state = 'pending' AND next_attempt_at <= ?2
-               AND (locked_until IS NULL OR locked_until <= ?2)
+            "SELECT {CLAIM_COLUMNS} FROM outbox o JOIN outbox_payloads p ON p.id = o.payload_id
+             WHERE o.destination = ?1 AND o.state = 'pending' AND o.next_attempt_at <= ?2
+               AND (o.locked_until IS NULL OR o.locked_until <= ?2)
                AND NOT EXISTS (SELECT 1 FROM outbox e
                                WHERE e.destination = o.destination AND e.entity = o.entity
                                  AND e.state = 'pending' AND e.id < o.id)
-             ORDER BY next_attempt_at, id LIMIT {limit}"
+             ORDER BY o.next_attempt_at, o.id LIMIT {limit}"
         ))?
         .query_map(params![c.destination, c.now], read_outbox)?
         .collect::<Result<Vec<_>, _>>()?;
