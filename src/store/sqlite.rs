@@ -474,6 +474,35 @@ const CLAIM_COLUMNS: &str = "o.id, o.destination, o.source, o.kind, o.entity, o.
     o.locked_until, o.last_status, o.last_error, o.last_response, o.finished_at, o.superseded_by,
     o.replays";
 
+/// The text of `list_deliveries` for a state filter and whether a destination is given
+/// (parameters: ?1 destination, ?2 since, ?3 after id, ?4 limit). The state and the presence of
+/// the destination are part of the text: a dead or pending row is found through its state's
+/// partial index (by destination when one is given) instead of a walk in id order through the
+/// delivered history, which SQLite chose when the state was a parameter: `--dead` read the whole
+/// outbox (23 ms for 3 dead rows among 100,000 delivered ones; 0.04 ms through the index). Dead
+/// and pending rows are usually the few, so each page sorts them all by id: in a backlog a page
+/// of the pending listing costs more (28 ms at 100,000 pending rows, against 0.7 ms in id order).
+#[doc(hidden)]
+pub fn list_deliveries_sql(state: Option<DeliveryState>, by_destination: bool) -> String {
+    let index = match state {
+        Some(DeliveryState::Dead) => " INDEXED BY outbox_dead",
+        Some(DeliveryState::Pending) => " INDEXED BY outbox_pending_entity",
+        _ => "",
+    };
+    let state = state.map_or(String::new(), |s| format!("state = '{}' AND ", s.as_str()));
+    let destination = if by_destination {
+        "destination = ?1"
+    } else {
+        "?1 IS NULL"
+    };
+    format!(
+        "SELECT {OUTBOX_COLUMNS} FROM outbox{index}
+         WHERE {state}{destination} AND (?2 IS NULL OR created_at >= ?2)
+           AND id > COALESCE(?3, 0)
+         ORDER BY id LIMIT ?4"
+    )
+}
+
 fn read_outbox(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
     let state: String = row.get(10)?;
     Ok(OutboxRow {
@@ -911,20 +940,10 @@ impl Store for SqliteStore {
 
     fn list_deliveries(&self, f: &DeliveryFilter) -> Result<Vec<OutboxRow>, StoreError> {
         self.with_reader(|c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT {OUTBOX_COLUMNS} FROM outbox
-                 WHERE (?1 IS NULL OR state = ?1) AND (?2 IS NULL OR destination = ?2)
-                   AND (?3 IS NULL OR created_at >= ?3) AND id > COALESCE(?4, 0)
-                 ORDER BY id LIMIT ?5"
-            ))?;
+            let mut stmt =
+                c.prepare_cached(&list_deliveries_sql(f.state, f.destination.is_some()))?;
             let rows = stmt.query_map(
-                params![
-                    f.state.map(DeliveryState::as_str),
-                    f.destination,
-                    f.since,
-                    f.after_id,
-                    f.limit as i64
-                ],
+                params![f.destination, f.since, f.after_id, f.limit as i64],
                 read_outbox,
             )?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
