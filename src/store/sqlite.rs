@@ -577,6 +577,21 @@ fn in_write_tx<T>(
     }
 }
 
+/// The claim's read: up to `limit` due, unleased heads of their key (parameters: ?1 destination,
+/// ?2 now), oldest due first, with their payloads.
+#[doc(hidden)]
+pub fn claim_heads_sql(limit: i64) -> String {
+    format!(
+        "SELECT {CLAIM_COLUMNS} FROM outbox o JOIN outbox_payloads p ON p.id = o.payload_id
+         WHERE o.destination = ?1 AND o.state = 'pending' AND o.next_attempt_at <= ?2
+           AND (o.locked_until IS NULL OR o.locked_until <= ?2)
+           AND NOT EXISTS (SELECT 1 FROM outbox e
+                           WHERE e.destination = o.destination AND e.entity = o.entity
+                             AND e.state = 'pending' AND e.id < o.id)
+         ORDER BY o.next_attempt_at, o.id LIMIT {limit}"
+    )
+}
+
 fn claim_deliveries(conn: &Connection, c: &ClaimRequest) -> Result<Vec<OutboxRow>, StoreError> {
     // Heads only: a row with an earlier pending row of the same key waits for it. Read them
     // (straight from the due index, in order), then lease them all in one statement; the
@@ -587,15 +602,7 @@ fn claim_deliveries(conn: &Connection, c: &ClaimRequest) -> Result<Vec<OutboxRow
     // every time it is bound (a worker's limit does not change: its statement stays cached).
     let limit = i64::try_from(c.limit).unwrap_or(i64::MAX);
     let mut heads = conn
-        .prepare_cached(&format!(
-            "SELECT {CLAIM_COLUMNS} FROM outbox o JOIN outbox_payloads p ON p.id = o.payload_id
-             WHERE o.destination = ?1 AND o.state = 'pending' AND o.next_attempt_at <= ?2
-               AND (o.locked_until IS NULL OR o.locked_until <= ?2)
-               AND NOT EXISTS (SELECT 1 FROM outbox e
-                               WHERE e.destination = o.destination AND e.entity = o.entity
-                                 AND e.state = 'pending' AND e.id < o.id)
-             ORDER BY o.next_attempt_at, o.id LIMIT {limit}"
-        ))?
+        .prepare_cached(&claim_heads_sql(limit))?
         .query_map(params![c.destination, c.now], read_outbox)?
         .collect::<Result<Vec<_>, _>>()?;
     if heads.is_empty() {
