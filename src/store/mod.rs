@@ -430,6 +430,18 @@ pub struct AttemptRecord {
     pub response: Option<String>,
 }
 
+impl AttemptRecord {
+    /// What recording this attempt writes to its outbox row: (state, next attempt, finished at).
+    pub fn row_outcome(&self) -> (&'static str, Option<i64>, Option<i64>) {
+        let finished = Some(self.started_at + self.latency_ms);
+        match self.result {
+            AttemptResult::Delivered => ("delivered", None, finished),
+            AttemptResult::Dead => ("dead", None, finished),
+            AttemptResult::Retry { next_attempt_at } => ("pending", Some(next_attempt_at), None),
+        }
+    }
+}
+
 /// A stored attempt.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AttemptRow {

@@ -27,10 +27,9 @@ use postgres::{error::SqlState, types::ToSql, Client, NoTls, Row, Statement};
 use serde_json::Value;
 
 use super::{
-    AttemptRecord, AttemptResult, AttemptRow, ClaimRequest, DeliveryFilter, DeliveryState,
-    DestinationStats, HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, NewOutboxRow,
-    OutboxRow, Record, RecordHead, RecordRow, ReplayOutcome, ReplayRequest, Store, StoreError,
-    StoreTx,
+    AttemptRecord, AttemptRow, ClaimRequest, DeliveryFilter, DeliveryState, DestinationStats,
+    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, NewOutboxRow, OutboxRow, Record,
+    RecordHead, RecordRow, ReplayOutcome, ReplayRequest, Store, StoreError, StoreTx,
 };
 
 const MIGRATIONS: &[&str] = &[
@@ -360,15 +359,6 @@ fn coalesce_into_latest(
     Ok(())
 }
 
-/// What recording an attempt writes to its outbox row: (state, next attempt, finished at).
-fn attempt_outcome(a: &AttemptRecord) -> (&'static str, Option<i64>, Option<i64>) {
-    match a.result {
-        AttemptResult::Delivered => ("delivered", None, Some(a.started_at + a.latency_ms)),
-        AttemptResult::Dead => ("dead", None, Some(a.started_at + a.latency_ms)),
-        AttemptResult::Retry { next_attempt_at } => ("pending", Some(next_attempt_at), None),
-    }
-}
-
 /// Record a batch of attempts: each one's row in `delivery_attempts`, and its outbox row's new
 /// state (only while this owner's lease holds on it). One statement for the whole batch, the
 /// attempts' values as arrays (it was two statements, four round trips, per attempt). A batch
@@ -401,7 +391,7 @@ fn record_attempts(
         Vec::with_capacity(n),
     );
     for a in attempts {
-        let (state, next, done) = attempt_outcome(a);
+        let (state, next, done) = a.row_outcome();
         ids.push(a.outbox_id);
         numbers.push(a.attempt);
         started.push(a.started_at);

@@ -9,10 +9,9 @@ use rusqlite::{params, CachedStatement, Connection, ErrorCode, OpenFlags, Option
 use serde_json::Value;
 
 use super::{
-    AttemptRecord, AttemptResult, AttemptRow, ClaimRequest, DeliveryFilter, DeliveryState,
-    DestinationStats, HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, NewOutboxRow,
-    OutboxRow, Record, RecordHead, RecordRow, ReplayOutcome, ReplayRequest, Store, StoreError,
-    StoreTx,
+    AttemptRecord, AttemptRow, ClaimRequest, DeliveryFilter, DeliveryState, DestinationStats,
+    HistoryEntry, InboxEntry, InboxEvent, InboxInsert, InboxStats, NewOutboxRow, OutboxRow, Record,
+    RecordHead, RecordRow, ReplayOutcome, ReplayRequest, Store, StoreError, StoreTx,
 };
 use crate::config::SqliteSynchronous;
 
@@ -696,15 +695,7 @@ fn record_attempts(
          WHERE id = ?1 AND state = 'pending' AND lease_owner = ?9",
     )?;
     for a in attempts {
-        let next = match a.result {
-            AttemptResult::Retry { next_attempt_at } => Some(next_attempt_at),
-            _ => None,
-        };
-        let (state, finished) = match a.result {
-            AttemptResult::Delivered => ("delivered", Some(a.started_at + a.latency_ms)),
-            AttemptResult::Dead => ("dead", Some(a.started_at + a.latency_ms)),
-            AttemptResult::Retry { .. } => ("pending", None),
-        };
+        let (state, next, finished) = a.row_outcome();
         insert.execute(params![
             a.outbox_id,
             a.attempt,

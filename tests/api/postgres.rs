@@ -10,7 +10,9 @@ use crate::{
     erp::{customer_version, ErpQueues, CUSTOMER_SEED},
     helpers::{eventually, query, spawn_app, temp_dir, test_settings, Broker},
     resilience::Subgate,
-    store_conformance::{claim, fresh_postgres_database, fresh_store, queue, Backend},
+    store_conformance::{
+        claim, fresh_postgres_database, fresh_store, queue_one_per_entity, Backend,
+    },
 };
 
 #[tokio::test]
@@ -365,12 +367,7 @@ fn claiming_from_a_backlog_reads_few_pages_even_with_statistics_from_an_empty_ou
     client
         .batch_execute("ALTER TABLE outbox SET (autovacuum_enabled = false); ANALYZE outbox")
         .unwrap();
-    let entities: Vec<String> = (0..11_000).map(|i| format!("erp:{i}")).collect();
-    let rows: Vec<(&str, &str, &str, bool)> = entities
-        .iter()
-        .map(|e| ("crm", e.as_str(), "{}", false))
-        .collect();
-    queue(&store, &rows);
+    queue_one_per_entity(&store, "crm", "erp", 11_000);
 
     let now = 1_000_000i64;
     let plan = explain_analyze(

@@ -849,6 +849,17 @@ pub fn queue(store: &Arc<dyn Store>, rows: &[(&str, &str, &str, bool)]) -> Vec<i
     ids
 }
 
+/// `n` rows for `destination`, one per entity (`{prefix}:0`, `{prefix}:1`, …): a backlog every row
+/// of which is its entity's head.
+pub fn queue_one_per_entity(store: &Arc<dyn Store>, destination: &str, prefix: &str, n: usize) {
+    let entities: Vec<String> = (0..n).map(|i| format!("{prefix}:{i}")).collect();
+    let rows: Vec<(&str, &str, &str, bool)> = entities
+        .iter()
+        .map(|e| (destination, e.as_str(), "{}", false))
+        .collect();
+    queue(store, &rows);
+}
+
 pub fn claim(destination: &str, owner: &str, now: i64, limit: usize) -> ClaimRequest {
     ClaimRequest {
         destination: destination.into(),
@@ -1434,12 +1445,7 @@ fn sqlite_wal_stays_bounded_under_delivery_bookkeeping_alone() {
     let dir = temp_dir("wal-delivery");
     let path = dir.join("s.db");
     let store = open(&format!("sqlite://{}", path.display()));
-    let entities: Vec<String> = (0..12_000).map(|i| format!("test:{i}")).collect();
-    let rows: Vec<(&str, &str, &str, bool)> = entities
-        .iter()
-        .map(|e| ("crm", e.as_str(), "{}", false))
-        .collect();
-    queue(&store, &rows);
+    queue_one_per_entity(&store, "crm", "test", 12_000);
     let response = "r".repeat(4_000);
     let mut now = 2_000;
     // ~50 MB of attempt responses, in 2,400 claim and attempt commits.
@@ -1573,38 +1579,22 @@ fn deliveries_are_listed_by_state_and_destination_in_id_order_and_paged(backend:
         panic!("five ids: {queued:?}")
     };
     // crm: a dead, c delivered, d left pending; audit: b dead, e delivered.
-    assert_eq!(
-        ids(&store
-            .claim_deliveries(&claim("crm", "w1", 2_000, 2))
-            .unwrap()),
-        [a, c]
-    );
-    store
-        .record_attempts(
-            "crm",
-            "w1",
-            &[
-                attempt(a, 1, AttemptResult::Dead),
-                attempt(c, 1, AttemptResult::Delivered),
-            ],
-        )
-        .unwrap();
-    assert_eq!(
-        ids(&store
-            .claim_deliveries(&claim("audit", "w2", 2_000, 2))
-            .unwrap()),
-        [b, e]
-    );
-    store
-        .record_attempts(
-            "audit",
-            "w2",
-            &[
-                attempt(b, 1, AttemptResult::Dead),
-                attempt(e, 1, AttemptResult::Delivered),
-            ],
-        )
-        .unwrap();
+    for (destination, owner, dead, delivered) in [("crm", "w1", a, c), ("audit", "w2", b, e)] {
+        let claimed = store
+            .claim_deliveries(&claim(destination, owner, 2_000, 2))
+            .unwrap();
+        assert_eq!(ids(&claimed), [dead, delivered]);
+        store
+            .record_attempts(
+                destination,
+                owner,
+                &[
+                    attempt(dead, 1, AttemptResult::Dead),
+                    attempt(delivered, 1, AttemptResult::Delivered),
+                ],
+            )
+            .unwrap();
+    }
     let list = |state: Option<DeliveryState>, destination: Option<&str>, after_id, limit| {
         ids(&store
             .list_deliveries(&DeliveryFilter {
