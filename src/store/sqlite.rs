@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0002_outbox.sql"),
     include_str!("../../migrations/sqlite/0003_drop_inbox_entity_index.sql"),
     include_str!("../../migrations/sqlite/0004_outbox_retention.sql"),
+    include_str!("../../migrations/sqlite/0005_records_by_rowid.sql"),
 ];
 
 const READERS_KEPT: usize = 4;
