@@ -1809,7 +1809,11 @@ fn sqlite_records_written_before_the_rowid_migration_survive_it() {
         subgate::config::SqliteSynchronous::Normal,
     )
     .unwrap();
-    assert_eq!(store.migrate().unwrap(), 1, "only the records migration runs");
+    assert_eq!(
+        store.migrate().unwrap(),
+        1,
+        "only the records migration runs"
+    );
     let a = store.get_record("erp.customer", "a").unwrap().unwrap();
     assert_eq!((a.doc, a.version, a.changed_by), (json!({"id": "a"}), 3, 1));
     assert!(store.get_record("erp.customer", "b").unwrap().is_some());
