@@ -1820,9 +1820,6 @@ fn sqlite_records_written_before_the_rowid_migration_survive_it() {
     store
         .write(&mut |tx| tx.put_record(&sized_record("erp.customer", "a", 5, 9)))
         .unwrap();
-    store
-        .write(&mut |tx| tx.put_record(&sized_record("erp.customer", "a", 5, 9)))
-        .unwrap();
     let a = store.get_record("erp.customer", "a").unwrap().unwrap();
     assert_eq!(a.changed_by, 9);
     let conn = rusqlite::Connection::open(&path).unwrap();
