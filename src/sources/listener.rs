@@ -638,9 +638,10 @@ impl Change for Notification {
 
         let id = &self.order.id;
         let current = tx.get_record(SERVICE_ORDER, id)?;
-        let (mut doc, seen_until) = match &current {
+        let (mut doc, seen_until) = match current {
+            // Read from the document in place: no copy of it.
             Some(r) => (
-                serde_json::from_value::<OrderDoc>(r.doc.clone()).map_err(|e| {
+                OrderDoc::deserialize(&r.doc).map_err(|e| {
                     StoreError::Failed(format!("stored service order {id:?} is unreadable: {e}"))
                 })?,
                 r.occurred_at,
