@@ -1723,16 +1723,20 @@ fn sqlite_new_records_cost_about_one_wal_page_each() {
     let store = open(&format!("sqlite://{}", path.display()));
     let key = |i: u64| format!("{:016x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let mut n = 0u64;
-    for _ in 0..40 {
+    // `count` new 800-byte records, in one transaction.
+    let mut add_orders = |count: u64| {
         store
             .write(&mut |tx| {
-                for _ in 0..500 {
+                for _ in 0..count {
                     n += 1;
                     tx.put_record(&sized_record("order", &key(n), 800, n as i64))?;
                 }
                 Ok(())
             })
             .unwrap();
+    };
+    for _ in 0..40 {
+        add_orders(500);
     }
     let conn = rusqlite::Connection::open(&path).unwrap();
     conn.busy_timeout(std::time::Duration::from_secs(10))
@@ -1741,15 +1745,7 @@ fn sqlite_new_records_cost_about_one_wal_page_each() {
         .unwrap();
     let wal = dir.join("s.db-wal");
     assert_eq!(wal_frames(&wal), 0, "the WAL starts empty");
-    store
-        .write(&mut |tx| {
-            for _ in 0..200 {
-                n += 1;
-                tx.put_record(&sized_record("order", &key(n), 800, n as i64))?;
-            }
-            Ok(())
-        })
-        .unwrap();
+    add_orders(200);
     let frames = wal_frames(&wal);
     assert!(
         frames <= 300,
