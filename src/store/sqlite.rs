@@ -15,8 +15,10 @@ use super::{
 };
 use crate::config::SqliteSynchronous;
 
-/// Migrations, applied in order; the version is the position (1-based).
-const MIGRATIONS: &[&str] = &[
+/// Migrations, applied in order; the version is the position (1-based). Public for the tests
+/// that build a database as an earlier version left it.
+#[doc(hidden)]
+pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0001_core.sql"),
     include_str!("../../migrations/sqlite/0002_outbox.sql"),
     include_str!("../../migrations/sqlite/0003_drop_inbox_entity_index.sql"),

@@ -1775,15 +1775,8 @@ fn sqlite_records_written_before_the_rowid_migration_survive_it() {
             "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);",
         )
         .unwrap();
-        for (version, sql) in [
-            include_str!("../../migrations/sqlite/0001_core.sql"),
-            include_str!("../../migrations/sqlite/0002_outbox.sql"),
-            include_str!("../../migrations/sqlite/0003_drop_inbox_entity_index.sql"),
-            include_str!("../../migrations/sqlite/0004_outbox_retention.sql"),
-        ]
-        .into_iter()
-        .enumerate()
-        {
+        // Version 4: every migration before the records one.
+        for (version, sql) in subgate::store::sqlite::MIGRATIONS[..4].iter().enumerate() {
             conn.execute_batch(sql).unwrap();
             conn.execute(
                 "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
