@@ -188,8 +188,100 @@ async fn publish(conn: &Connection, queue: &str, round: usize, n: usize) {
     let _ = ch.close().await;
 }
 
+/// CPU time (clock ticks) of the broker, of given processes and of the whole machine, read
+/// from `/proc` at the start and the end of a drain: where each message's CPU went.
+#[derive(Clone, Copy, Default)]
+struct CpuSample {
+    broker: u64,
+    postgres: u64,
+    consumers: u64,
+    machine_busy: u64,
+    machine_total: u64,
+}
+
+fn process_ticks(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the `(comm)`: state is field 3, utime 14 and stime 15.
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// Processes on this machine whose command name is `comm`: the RabbitMQ node (its Erlang VM,
+/// `beam.smp`) or PostgreSQL's server processes (`postgres`).
+fn pids_named(comm: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().into_owned();
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (name.trim() == comm).then_some(pid)
+        })
+        .collect()
+}
+
+impl CpuSample {
+    fn now(consumers: &[String]) -> Self {
+        let (machine_busy, machine_total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let v: Vec<u64> = s
+                    .lines()
+                    .next()?
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|x| x.parse().ok())
+                    .collect();
+                let total: u64 = v.iter().take(8).sum();
+                // idle and iowait are not busy.
+                Some((total - v.get(3)? - v.get(4)?, total))
+            })
+            .unwrap_or((0, 0));
+        Self {
+            broker: pids_named("beam.smp")
+                .iter()
+                .map(|p| process_ticks(p))
+                .sum(),
+            postgres: pids_named("postgres")
+                .iter()
+                .map(|p| process_ticks(p))
+                .sum(),
+            consumers: consumers.iter().map(|p| process_ticks(p)).sum(),
+            machine_busy,
+            machine_total,
+        }
+    }
+
+    /// "broker X µs/msg, [postgres P µs/msg,] consumer Y µs/msg, machine Z % busy" between
+    /// `self` and `end`.
+    fn describe(&self, end: &Self, messages: usize) -> String {
+        let tick_us = 1e6 / 100.0; // USER_HZ
+        let per_msg = |a: u64, b: u64| (b.saturating_sub(a)) as f64 * tick_us / messages as f64;
+        let total = end.machine_total.saturating_sub(self.machine_total).max(1) as f64;
+        let postgres = per_msg(self.postgres, end.postgres);
+        format!(
+            "broker {:.1} µs/msg, {}consumer {:.1} µs/msg, machine {:.0} % busy",
+            per_msg(self.broker, end.broker),
+            if postgres >= 0.5 {
+                format!("postgres {postgres:.1} µs/msg, ")
+            } else {
+                String::new()
+            },
+            per_msg(self.consumers, end.consumers),
+            100.0 * end.machine_busy.saturating_sub(self.machine_busy) as f64 / total
+        )
+    }
+}
+
 /// (a) The bare consumer: receive and ack, nothing else.
-async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -> f64 {
+async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -> (f64, String) {
+    let me = vec![std::process::id().to_string()];
     let ch = conn.open_channel(None).await.expect("channel");
     ch.basic_qos(BasicQosArguments::new(0, prefetch, false))
         .await
@@ -204,6 +296,7 @@ async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -
         .expect("consume");
     let mut received = 0usize;
     let mut started = None;
+    let mut cpu0 = CpuSample::default();
     let mut last_tag = None;
     while received < n {
         let msg = match rx.try_recv() {
@@ -217,7 +310,10 @@ async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -
                 rx.recv().await.expect("delivery")
             }
         };
-        started.get_or_insert_with(Instant::now);
+        if started.is_none() {
+            started = Some(Instant::now());
+            cpu0 = CpuSample::now(&me);
+        }
         if let Some(d) = msg.deliver {
             last_tag = Some(d.delivery_tag());
             received += 1;
@@ -229,8 +325,9 @@ async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -
             .expect("ack");
     }
     let secs = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    let cpu = cpu0.describe(&CpuSample::now(&me), n);
     let _ = ch.close().await;
-    n as f64 / secs
+    (n as f64 / secs, cpu)
 }
 
 fn committed(metrics: &str) -> u64 {
@@ -262,7 +359,7 @@ fn store_url(store: &str, dir: &std::path::Path) -> String {
 
 /// (b) subgate end to end (`o.instances` processes on one store); returns (msg/s, peak RSS KiB
 /// of the largest process).
-async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
+async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64, String) {
     let dir = std::env::temp_dir().join(format!("subgate-bench-{}", fastrand::u64(..)));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let url = {
@@ -308,9 +405,11 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
         let client = client.clone();
         async move { client.get(&url).send().await.ok()?.text().await.ok() }
     };
+    let pids: Vec<String> = children.0.iter().map(|c| c.id().to_string()).collect();
+    let mut cpu0 = CpuSample::default();
     let mut first: Option<(Instant, u64)> = None;
     let deadline = Instant::now() + Duration::from_secs(300);
-    let rate = loop {
+    let (rate, cpu) = loop {
         if Instant::now() > deadline {
             panic!("subgate did not drain the queue within 300 s");
         }
@@ -325,10 +424,12 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
         if all_answered {
             if total > 0 && first.is_none() {
                 first = Some((Instant::now(), total));
+                cpu0 = CpuSample::now(&pids);
             }
             if total as usize >= n {
                 let (t0, c0) = first.expect("first sample");
-                break (total - c0) as f64 / t0.elapsed().as_secs_f64();
+                let cpu = cpu0.describe(&CpuSample::now(&pids), (total - c0) as usize);
+                break ((total - c0) as f64 / t0.elapsed().as_secs_f64(), cpu);
             }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -364,7 +465,7 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64) {
     tokio::task::spawn_blocking(move || pg_bench_db::drop(&url))
         .await
         .expect("database dropped");
-    (rate, rss)
+    (rate, rss, cpu)
 }
 
 /// subgate processes of one round; killed if the round ends early (a panic included).
@@ -404,11 +505,11 @@ async fn main() {
     for round in 0..o.rounds {
         fresh_quorum_queue(&conn, &queue).await;
         publish(&conn, &queue, round, o.messages).await;
-        let a = bare_consume(&conn, &queue, o.messages, o.prefetch).await;
+        let (a, bare_cpu) = bare_consume(&conn, &queue, o.messages, o.prefetch).await;
 
         fresh_quorum_queue(&conn, &queue).await;
         publish(&conn, &queue, round, o.messages).await;
-        let (b, rss) = subgate_consume(&o, &queue, o.messages).await;
+        let (b, rss, sub_cpu) = subgate_consume(&o, &queue, o.messages).await;
         peak = peak.max(rss);
         println!(
             "round {}: (a) bare consumer {:>9.0} msg/s   (b) subgate {:>9.0} msg/s   ratio {:.2}   peak RSS {:.1} MB",
@@ -418,6 +519,7 @@ async fn main() {
             b / a,
             rss as f64 / 1024.0
         );
+        println!("    (a) {bare_cpu}\n    (b) {sub_cpu}");
         bare.push(a);
         sub.push(b);
         ratios.push(b / a);
