@@ -441,18 +441,26 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64, Strin
         .max()
         .unwrap_or(0);
     if let Some(text) = scrape(urls[0].clone()).await {
+        // Summed over label sets (the settle histogram has one per queue).
         let value = |name: &str| -> f64 {
             text.lines()
-                .find(|l| l.starts_with(name))
-                .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-                .unwrap_or(0.0)
+                .filter(|l| {
+                    l.starts_with(&format!("{name} ")) || l.starts_with(&format!("{name}{{"))
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
         };
         let batches = value("subgate_batch_size_count");
+        let mean_ms = |name: &str| {
+            1000.0 * value(&format!("{name}_sum")) / value(&format!("{name}_count")).max(1.0)
+        };
         println!(
-            "    subgate[0]: {batches:.0} batches, mean batch {:.1} events, mean commit {:.2} ms",
+            "    subgate[0]: {batches:.0} batches, mean batch {:.1} events, mean commit {:.2} ms; \
+             delivery to commit {:.2} ms per message (waiting for the writer {:.2} ms)",
             value("subgate_batch_size_sum") / batches.max(1.0),
-            1000.0 * value("subgate_commit_seconds_sum")
-                / value("subgate_commit_seconds_count").max(1.0)
+            mean_ms("subgate_commit_seconds"),
+            mean_ms("subgate_amqp_settle_seconds"),
+            mean_ms("subgate_ingest_wait_seconds"),
         );
     }
     for c in &mut children.0 {

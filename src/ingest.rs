@@ -80,6 +80,8 @@ struct Job {
     envelope: Envelope,
     /// `envelope.meta` serialised by the caller, off the writer thread.
     meta_json: String,
+    /// When the event was queued (`subgate_ingest_wait_seconds`).
+    queued: Instant,
     reply: oneshot::Sender<Result<IngestOutcome, IngestError>>,
 }
 
@@ -100,6 +102,7 @@ impl Ingest {
             .send(Job {
                 envelope,
                 meta_json,
+                queued: Instant::now(),
                 reply,
             })
             .await
@@ -202,6 +205,10 @@ type EventResult = Result<IngestOutcome, String>;
 /// Write one batch and answer its jobs; returns the committed envelopes, for the caller to free.
 fn commit_batch(store: &dyn Store, routes: &OutboxRoutes, batch: &mut Vec<Job>) -> Vec<Envelope> {
     let started = Instant::now();
+    let wait = metrics::histogram!("subgate_ingest_wait_seconds");
+    for job in batch.iter() {
+        wait.record(started.saturating_duration_since(job.queued).as_secs_f64());
+    }
     let mut results: Vec<EventResult> = Vec::with_capacity(batch.len());
     let mut attempt = 0;
     let mut isolation = Isolation::Optimistic;

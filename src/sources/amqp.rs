@@ -14,7 +14,10 @@
 //! - store unavailable → nacked with requeue after `ingest.store_retry_ms` (never a tight loop;
 //!   quorum queues' `x-delivery-limit` bounds the redeliveries).
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use amqprs::{
     callbacks::{DefaultChannelCallback, DefaultConnectionCallback},
@@ -533,6 +536,8 @@ enum Disposition {
         reply: Reply,
         routing_key: String,
         properties: BasicProperties,
+        /// When the delivery reached the pump (with its chunk).
+        received: Instant,
     },
     /// Publish to the dead-letter exchange with the reason, then ack.
     DeadLetter {
@@ -567,6 +572,7 @@ impl Pump {
             store_retry: Duration::from_millis(self.settings.ingest.store_retry_ms),
             pending_ack: None,
             last_retry_pause: None,
+            settle: metrics::histogram!("subgate_amqp_settle_seconds", "queue" => self.spec.queue.clone()),
         };
         let acker = tokio::spawn(acker.run(acker_rx));
         let max_bytes = self.settings.ingest.max_message_bytes;
@@ -583,6 +589,7 @@ impl Pump {
                 break Err(format!("channel of {queue} closed"));
             };
             // What else has already arrived is decoded with it, in two halves at once.
+            let received_at = Instant::now();
             let mut chunk = Vec::with_capacity(DECODE_CHUNK);
             chunk.extend(Incoming::from_consumer(message));
             while chunk.len() < DECODE_CHUNK {
@@ -610,6 +617,7 @@ impl Pump {
                             reply,
                             routing_key,
                             properties,
+                            received: received_at,
                         },
                         // Shutting down: leave it unacked; the broker redelivers it.
                         Err(_) => break 'pump Ok(()),
@@ -741,6 +749,8 @@ struct Acker {
     pending_ack: Option<u64>,
     /// When the last pause before a requeue ended: one pause per outage, not per message.
     last_retry_pause: Option<std::time::Instant>,
+    /// Delivery received → its commit's outcome known (`subgate_amqp_settle_seconds`).
+    settle: metrics::Histogram,
 }
 
 impl Acker {
@@ -765,6 +775,7 @@ impl Acker {
                     mut reply,
                     routing_key,
                     properties,
+                    received,
                 } => {
                     let result = match reply.try_recv() {
                         Ok(result) => result,
@@ -776,6 +787,7 @@ impl Acker {
                             Err(IngestError::Closed)
                         }
                     };
+                    self.settle.record(received.elapsed().as_secs_f64());
                     match result {
                         Ok(_) => self.pending_ack = Some(tag),
                         Err(IngestError::Rejected { reason, raw }) => {
