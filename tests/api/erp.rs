@@ -471,6 +471,20 @@ async fn redelivered_message_is_acked_without_second_apply() {
         metrics.contains("subgate_amqp_reconnects_total"),
         "the reconnect was counted"
     );
+    // Both deliveries settled (the commit, then the duplicate), each with its latency recorded.
+    let settled = format!(
+        "subgate_amqp_settle_seconds_count{{queue=\"{}\"}} 2",
+        queues.customers
+    );
+    let metrics = eventually(30, "both settle times", || async {
+        let text = app.metrics().await;
+        text.contains(&settled).then_some(text)
+    })
+    .await;
+    assert!(
+        metrics.contains("subgate_ingest_wait_seconds_count"),
+        "the time events waited for the writer is exposed:\n{metrics}"
+    );
     let body = customer_version(&app, "134719", 1).await;
     assert_eq!(body["version"], 1, "applied once");
     assert_eq!(inbox_stats(&app).await.events, 1);
