@@ -6,8 +6,12 @@
 //! and (b) `subgate serve` end to end (decode, dedupe, project, durable commit, ack). Rounds
 //! alternate a/b; prints msg/s per round, the median ratio b/a and subgate's peak RSS.
 
+#[path = "support/cpu_sample.rs"]
+mod cpu_sample;
 #[path = "support/pg_bench_db.rs"]
 mod pg_bench_db;
+
+use cpu_sample::CpuSample;
 
 use std::{
     path::PathBuf,
@@ -186,97 +190,6 @@ async fn publish(conn: &Connection, queue: &str, round: usize, n: usize) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let _ = ch.close().await;
-}
-
-/// CPU time (clock ticks) of the broker, of given processes and of the whole machine, read
-/// from `/proc` at the start and the end of a drain: where each message's CPU went.
-#[derive(Clone, Copy, Default)]
-struct CpuSample {
-    broker: u64,
-    postgres: u64,
-    consumers: u64,
-    machine_busy: u64,
-    machine_total: u64,
-}
-
-fn process_ticks(pid: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            // Fields after the `(comm)`: state is field 3, utime 14 and stime 15.
-            let rest = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
-        })
-        .unwrap_or(0)
-}
-
-/// Processes on this machine whose command name is `comm`: the RabbitMQ node (its Erlang VM,
-/// `beam.smp`) or PostgreSQL's server processes (`postgres`).
-fn pids_named(comm: &str) -> Vec<String> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().into_owned();
-            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            (name.trim() == comm).then_some(pid)
-        })
-        .collect()
-}
-
-impl CpuSample {
-    fn now(consumers: &[String]) -> Self {
-        let (machine_busy, machine_total) = std::fs::read_to_string("/proc/stat")
-            .ok()
-            .and_then(|s| {
-                let v: Vec<u64> = s
-                    .lines()
-                    .next()?
-                    .split_whitespace()
-                    .skip(1)
-                    .filter_map(|x| x.parse().ok())
-                    .collect();
-                let total: u64 = v.iter().take(8).sum();
-                // idle and iowait are not busy.
-                Some((total - v.get(3)? - v.get(4)?, total))
-            })
-            .unwrap_or((0, 0));
-        Self {
-            broker: pids_named("beam.smp")
-                .iter()
-                .map(|p| process_ticks(p))
-                .sum(),
-            postgres: pids_named("postgres")
-                .iter()
-                .map(|p| process_ticks(p))
-                .sum(),
-            consumers: consumers.iter().map(|p| process_ticks(p)).sum(),
-            machine_busy,
-            machine_total,
-        }
-    }
-
-    /// "broker X µs/msg, [postgres P µs/msg,] consumer Y µs/msg, machine Z % busy" between
-    /// `self` and `end`.
-    fn describe(&self, end: &Self, messages: usize) -> String {
-        let tick_us = 1e6 / 100.0; // USER_HZ
-        let per_msg = |a: u64, b: u64| (b.saturating_sub(a)) as f64 * tick_us / messages as f64;
-        let total = end.machine_total.saturating_sub(self.machine_total).max(1) as f64;
-        let postgres = per_msg(self.postgres, end.postgres);
-        format!(
-            "broker {:.1} µs/msg, {}consumer {:.1} µs/msg, machine {:.0} % busy",
-            per_msg(self.broker, end.broker),
-            if postgres >= 0.5 {
-                format!("postgres {postgres:.1} µs/msg, ")
-            } else {
-                String::new()
-            },
-            per_msg(self.consumers, end.consumers),
-            100.0 * end.machine_busy.saturating_sub(self.machine_busy) as f64 / total
-        )
-    }
 }
 
 /// (a) The bare consumer: receive and ack, nothing else.

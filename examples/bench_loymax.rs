@@ -4,6 +4,10 @@
 //! `subgate serve` end to end (decode, dedupe, project, durable commit, ack). Prints messages/s
 //! of each run, the median ratio b/a, and subgate's peak RSS.
 
+#[path = "support/cpu_sample.rs"]
+mod cpu_sample;
+
+use cpu_sample::CpuSample;
 use std::{
     path::PathBuf,
     process::{Command, Stdio},
@@ -297,12 +301,14 @@ async fn drain_bare(
     queue: &str,
     n: usize,
     prefetch: u16,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, String)> {
+    let me = vec![std::process::id().to_string()];
     let ch = conn.open_channel(None).await?;
     ch.basic_qos(BasicQosArguments::new(0, prefetch, false))
         .await?;
     let ack_every = (usize::from(prefetch) / 2).max(1);
     let started = Instant::now();
+    let cpu0 = CpuSample::now(&me);
     let (_, mut rx) = ch
         .basic_consume_rx(
             BasicConsumeArguments::new(queue, "")
@@ -325,8 +331,9 @@ async fn drain_bare(
         }
     }
     let elapsed = started.elapsed();
+    let cpu = cpu0.describe(&CpuSample::now(&me), n);
     let _ = ch.close().await;
-    Ok(elapsed)
+    Ok((elapsed, cpu))
 }
 
 /// The value of an unlabelled sample (`name value`) on a Prometheus page.
@@ -351,7 +358,11 @@ fn peak_rss_kb(pid: u32) -> Option<u64> {
 }
 
 /// (b): `subgate serve` from ready (consuming) until every message is committed.
-async fn drain_subgate(args: &Args, t: &Topology, n: usize) -> anyhow::Result<(Duration, u64)> {
+async fn drain_subgate(
+    args: &Args,
+    t: &Topology,
+    n: usize,
+) -> anyhow::Result<(Duration, u64, String)> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -393,6 +404,8 @@ async fn drain_subgate(args: &Args, t: &Topology, n: usize) -> anyhow::Result<(D
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let started = Instant::now();
+    let pids = vec![child.id().to_string()];
+    let cpu0 = CpuSample::now(&pids);
     loop {
         let page = http
             .get(format!("{base}/metrics"))
@@ -410,6 +423,7 @@ async fn drain_subgate(args: &Args, t: &Topology, n: usize) -> anyhow::Result<(D
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let elapsed = started.elapsed();
+    let cpu = cpu0.describe(&CpuSample::now(&pids), n);
     let rss = peak_rss_kb(child.id()).unwrap_or(0);
     let page = http
         .get(format!("{base}/metrics"))
@@ -432,7 +446,7 @@ async fn drain_subgate(args: &Args, t: &Topology, n: usize) -> anyhow::Result<(D
         bail!("subgate exited with {status}");
     }
     let _ = std::fs::remove_dir_all(&dir);
-    Ok((elapsed, rss))
+    Ok((elapsed, rss, cpu))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -477,12 +491,12 @@ async fn main() -> anyhow::Result<()> {
         };
         declare(&admin, &settings, &t).await?;
         publish(&conn, &t, &stream).await?;
-        let bare = drain_bare(&conn, &t.queue, n, prefetch).await?;
+        let (bare, bare_cpu) = drain_bare(&conn, &t.queue, n, prefetch).await?;
         teardown(&admin, &t).await;
 
         declare(&admin, &settings, &t).await?;
         publish(&conn, &t, &stream).await?;
-        let (served, rss) = drain_subgate(&args, &t, n).await?;
+        let (served, rss, served_cpu) = drain_subgate(&args, &t, n).await?;
         let left = ready_count(&conn, &t.queue).await?;
         let dead = ready_count(&conn, &settings.dead_letter_queue_for(&t.queue))
             .await
@@ -499,6 +513,7 @@ async fn main() -> anyhow::Result<()> {
             b / a,
             rss as f64 / 1024.0
         );
+        println!("       (a) {bare_cpu}\n       (b) {served_cpu}");
     }
     println!(
         "median b/a: {:.2} (goal >= 0.70); subgate peak RSS {:.1} MB",
