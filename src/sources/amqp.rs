@@ -588,8 +588,8 @@ impl Pump {
             let Some(message) = message else {
                 break Err(format!("channel of {queue} closed"));
             };
-            // What else has already arrived is decoded with it, in two halves at once.
             let received_at = Instant::now();
+            // What else has already arrived is decoded with it, in two halves at once.
             let mut chunk = Vec::with_capacity(DECODE_CHUNK);
             chunk.extend(Incoming::from_consumer(message));
             while chunk.len() < DECODE_CHUNK {
