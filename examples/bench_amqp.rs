@@ -224,8 +224,9 @@ async fn bare_consume(conn: &Connection, queue: &str, n: usize, prefetch: u16) -
             }
         };
         if started.is_none() {
-            started = Some(Instant::now());
+            // Read first, so the timed drain does not include reading `/proc`.
             cpu0 = CpuSample::now(&me);
+            started = Some(Instant::now());
         }
         if let Some(d) = msg.deliver {
             last_tag = Some(d.delivery_tag());
@@ -336,8 +337,8 @@ async fn subgate_consume(o: &Options, queue: &str, n: usize) -> (f64, u64, Strin
         }
         if all_answered {
             if total > 0 && first.is_none() {
-                first = Some((Instant::now(), total));
                 cpu0 = CpuSample::now(&pids);
+                first = Some((Instant::now(), total));
             }
             if total as usize >= n {
                 let (t0, c0) = first.expect("first sample");

@@ -2,8 +2,7 @@
 //! the whole machine, read from `/proc` at the start and the end of a drain (shared by the AMQP
 //! benchmarks through `#[path]`).
 
-/// CPU time (clock ticks) of the broker, of given processes and of the whole machine, read
-/// from `/proc` at the start and the end of a drain: where each message's CPU went.
+/// One reading of those ticks.
 #[derive(Clone, Copy, Default)]
 pub struct CpuSample {
     broker: u64,
@@ -25,19 +24,25 @@ fn process_ticks(pid: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Processes on this machine whose command name is `comm`: the RabbitMQ node (its Erlang VM,
-/// `beam.smp`) or PostgreSQL's server processes (`postgres`).
-fn pids_named(comm: &str) -> Vec<String> {
+/// Ticks of the RabbitMQ node (its Erlang VM, `beam.smp`) and of PostgreSQL's server processes
+/// (`postgres`), in one pass over `/proc`.
+fn server_ticks() -> (u64, u64) {
     let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
+        return (0, 0);
     };
-    dir.flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().into_owned();
-            let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-            (name.trim() == comm).then_some(pid)
-        })
-        .collect()
+    let (mut broker, mut postgres) = (0, 0);
+    for entry in dir.flatten() {
+        let pid = entry.file_name().to_string_lossy().into_owned();
+        match std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .as_deref()
+            .map(str::trim)
+        {
+            Ok("beam.smp") => broker += process_ticks(&pid),
+            Ok("postgres") => postgres += process_ticks(&pid),
+            _ => {}
+        }
+    }
+    (broker, postgres)
 }
 
 impl CpuSample {
@@ -57,15 +62,10 @@ impl CpuSample {
                 Some((total - v.get(3)? - v.get(4)?, total))
             })
             .unwrap_or((0, 0));
+        let (broker, postgres) = server_ticks();
         Self {
-            broker: pids_named("beam.smp")
-                .iter()
-                .map(|p| process_ticks(p))
-                .sum(),
-            postgres: pids_named("postgres")
-                .iter()
-                .map(|p| process_ticks(p))
-                .sum(),
+            broker,
+            postgres,
             consumers: consumers.iter().map(|p| process_ticks(p)).sum(),
             machine_busy,
             machine_total,
