@@ -1817,3 +1817,133 @@ fn sqlite_records_written_before_the_rowid_migration_survive_it() {
         .unwrap();
     assert_eq!(count, 2);
 }
+
+/// SQLite writes each WAL frame as two system calls (header, page); subgate's VFS gathers a
+/// commit's frames and writes them at once. The bytes must be the WAL SQLite meant: a plain
+/// connection (SQLite's own VFS) reads them back after the writer is gone.
+#[test]
+fn sqlite_commit_writes_its_wal_frames_in_a_few_system_calls() {
+    let dir = temp_dir("wal-writes");
+    let path = dir.join("s.db");
+    let store = open(&format!("sqlite://{}", path.display()));
+    let wal = dir.join("s.db-wal");
+    let frames_before = wal_frames(&wal);
+    let (asked_before, made_before) = subgate::store::sqlite_vfs::wal_write_counts();
+    store
+        .write(&mut |tx| {
+            for i in 0..200 {
+                tx.put_record(&sized_record("order", &format!("o-{i:04}"), 800, i))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    let (asked, made) = subgate::store::sqlite_vfs::wal_write_counts();
+    let (asked, made) = (asked - asked_before, made - made_before);
+    let frames = wal_frames(&wal) - frames_before;
+    assert!(frames >= 40, "the commit wrote {frames} WAL frames");
+    assert!(
+        asked >= 2 * frames,
+        "SQLite asked for {asked} writes for {frames} frames"
+    );
+    assert!(
+        (1..=asked / 20).contains(&made),
+        "{asked} WAL writes asked, {made} made"
+    );
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (count, filler): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), sum(length(doc)) FROM records WHERE kind = 'order'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(count, 200);
+    assert!(filler > 200 * 800);
+}
+
+/// With `synchronous = normal` a commit does not sync the WAL, so nothing but the commit itself
+/// tells the VFS to write its frames out: every commit must be readable by other connections
+/// (readers, the checkpointer, another process) the moment it returns.
+#[test]
+fn sqlite_commits_without_sync_are_readable_by_other_connections_at_once() {
+    let dir = temp_dir("wal-normal");
+    let path = dir.join("s.db");
+    let url = format!("sqlite://{}", path.display());
+    let settings = test_settings(
+        &dir,
+        &[("store.url", &url), ("store.sqlite_synchronous", "normal")],
+    );
+    let store = subgate::startup::open_store(&settings, true).expect("store opens and migrates");
+    let plain = rusqlite::Connection::open(&path).unwrap();
+    plain
+        .busy_timeout(std::time::Duration::from_secs(10))
+        .unwrap();
+    for round in 0..30i64 {
+        store
+            .write(&mut |tx| {
+                for i in 0..20 {
+                    let by = round * 100 + i;
+                    tx.put_record(&sized_record("order", &format!("o-{round}-{i}"), 600, by))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let key = format!("o-{round}-19");
+        let found = store
+            .get_record("order", &key)
+            .unwrap()
+            .expect("a reader sees it");
+        assert_eq!(found.changed_by, round * 100 + 19);
+        let seen: i64 = plain
+            .query_row(
+                "SELECT changed_by FROM records WHERE kind = 'order' AND key = ?1",
+                [&key],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(seen, round * 100 + 19);
+    }
+    plain
+        .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .unwrap();
+    let count: i64 = plain
+        .query_row(
+            "SELECT count(*) FROM records WHERE kind = 'order'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(count, 30 * 20);
+}
+
+/// A commit larger than the VFS's buffer (8 MB) goes out in several pieces, in order.
+#[test]
+fn sqlite_a_commit_larger_than_the_wal_buffer_is_read_back_whole() {
+    let dir = temp_dir("wal-large");
+    let path = dir.join("s.db");
+    let store = open(&format!("sqlite://{}", path.display()));
+    store
+        .write(&mut |tx| {
+            for i in 0..2_600 {
+                tx.put_record(&sized_record("blob", &format!("b-{i:05}"), 3_900, i))?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(wal_frames(&dir.join("s.db-wal")) > 2_600);
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let (count, last): (i64, i64) = conn
+        .query_row(
+            "SELECT count(*), max(changed_by) FROM records WHERE kind = 'blob'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((count, last), (2_600, 2_599));
+    let ok: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(ok, "ok");
+}
