@@ -247,6 +247,21 @@ async fn kill_9_mid_stream_then_restart_loses_and_duplicates_nothing() {
     .await;
     drop(second);
     assert_exactly_once(store, "k").await;
+    // The database the killed process was writing (through subgate's WAL-gathering VFS) reads
+    // back whole with SQLite's own VFS.
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.join("subgate.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+    )
+    .expect("the database subgate wrote");
+    let (check, events): (String, i64) = conn
+        .query_row(
+            "SELECT (SELECT integrity_check FROM pragma_integrity_check), count(*) FROM inbox",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((check.as_str(), events), ("ok", MESSAGES as i64));
     broker.delete_queues(&queues.all()).await;
 }
 
