@@ -3,11 +3,12 @@
 //! SQLite writes a WAL frame as two writes, its 24-byte header and then the page, each its own
 //! system call: a listener commit of ~27 notifications is ~330 `pwrite`s, a fifth of the ingest
 //! writer's time in profiles. Here the WAL file's writes that follow each other are kept in a
-//! buffer and written at once:
+//! buffer of up to 124 KiB (about 30 frames) and written at once:
 //! - when the page of a *commit frame* has been added (a frame header whose "database size"
 //!   field is not zero marks the last frame of a transaction). That happens inside SQLite's
 //!   commit, before it publishes the new frames in the WAL index, so no other connection can
 //!   look for a frame that is still in the buffer, whatever `synchronous` is;
+//! - when the next write would not fit;
 //! - before anything that must see the file as written: a read that touches the buffer, a sync,
 //!   a truncate, the file's size, a file control, close; and before a write somewhere else (the
 //!   order of writes is kept).
@@ -32,12 +33,13 @@ const NAME_C: &CStr = c"subgate";
 
 /// A WAL frame header's size; its bytes 4..8 hold the database size after a commit, else zero.
 const FRAME_HEADER: usize = 24;
-/// Past this the buffer is written out and started again (a commit of a few MB is rare).
-const BUFFER_MAX: usize = 8 << 20;
 /// The most one write to the wrapped file may carry: SQLite's unix VFS keeps only the low 17
 /// bits of a write's length (`nBuf &= 0x1ffff` in `seekAndWriteFd`; its own writes are at most a
-/// page), so a buffer goes out in pieces of 124 KiB.
+/// page), so nothing larger than 124 KiB is handed to it.
 const WRITE_MAX: usize = 0x1ffff & !0xfff;
+/// A write that would take the buffer past this writes the buffer out first. A larger buffer
+/// would save no system call (it would go out in `WRITE_MAX` pieces anyway), only hold memory.
+const BUFFER_MAX: usize = WRITE_MAX;
 
 thread_local! {
     /// WAL writes SQLite asked for on this thread, and writes made to the file (for tests).
