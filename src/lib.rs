@@ -10,7 +10,8 @@
 //! - [`delivery`]: the outbox's workers: webhooks, Emarsys, AMQP republish, retries, replay;
 //! - [`http`]: the router: ops routes, the read API, HTTP sources (and HTTPS via rustls);
 //! - [`config`], [`cli`], [`startup`], [`telemetry`], [`health`], [`clock`]: running it.
-// No unsafe code, except the one module that hands SQLite a VFS (`store::sqlite_vfs`).
+// No unsafe code, except the two modules that hand SQLite a VFS and a page cache
+// (`store::sqlite_vfs`, `store::sqlite_pcache`).
 #![deny(unsafe_code)]
 
 pub mod cli;

@@ -15,6 +15,8 @@
 pub mod postgres;
 pub mod sqlite;
 #[allow(unsafe_code)]
+pub mod sqlite_pcache;
+#[allow(unsafe_code)]
 pub mod sqlite_vfs;
 
 use serde::Serialize;

@@ -74,6 +74,11 @@ pub fn register() -> Result<(), StoreError> {
         .get_or_init(|| {
             // SAFETY: plain SQLite API calls; the registered struct is leaked so it lives as long
             // as the process, as SQLite requires.
+            // The page cache wrapper first: it can only be installed before SQLite
+            // initialises, which finding a VFS does.
+            if !super::sqlite_pcache::install() {
+                tracing::debug!("SQLite initialised before subgate: its page cache is used as is");
+            }
             unsafe {
                 let inner = ffi::sqlite3_vfs_find(std::ptr::null());
                 if inner.is_null() {
