@@ -33,7 +33,11 @@ struct Inner(ffi::sqlite3_pcache_methods2);
 unsafe impl Send for Inner {}
 unsafe impl Sync for Inner {}
 
-static INNER: OnceLock<Option<Inner>> = OnceLock::new();
+/// SQLite's default page cache, kept before ours is registered: SQLite may call ours (from
+/// any thread) as soon as it is.
+static DEFAULT: OnceLock<Inner> = OnceLock::new();
+/// Whether ours was registered.
+static INSTALLED: OnceLock<bool> = OnceLock::new();
 
 /// What the wrapper did on one thread (for tests).
 #[doc(hidden)]
@@ -68,56 +72,54 @@ fn count(f: impl FnOnce(&mut Counts)) {
 /// Whether the wrapper is in place (false when SQLite had initialised before `install`).
 #[doc(hidden)]
 pub fn installed() -> bool {
-    matches!(INNER.get(), Some(Some(_)))
+    INSTALLED.get() == Some(&true)
 }
 
 /// Put the wrapper in place, once per process. Must run before SQLite initialises.
 pub fn install() -> bool {
-    INNER
-        .get_or_init(|| {
-            // SAFETY: sqlite3_config with the documented argument types; SQLite copies the
-            // methods table it is given.
-            unsafe {
-                let mut default: ffi::sqlite3_pcache_methods2 = std::mem::zeroed();
-                let got = ffi::sqlite3_config(
-                    ffi::SQLITE_CONFIG_GETPCACHE2,
-                    &mut default as *mut ffi::sqlite3_pcache_methods2,
-                );
-                if got != ffi::SQLITE_OK || default.xCreate.is_none() {
-                    return None;
-                }
-                let ours = ffi::sqlite3_pcache_methods2 {
-                    iVersion: default.iVersion,
-                    pArg: std::ptr::null_mut(),
-                    xInit: Some(init),
-                    xShutdown: Some(shutdown),
-                    xCreate: Some(create),
-                    xCachesize: Some(cachesize),
-                    xPagecount: Some(pagecount),
-                    xFetch: Some(fetch),
-                    xUnpin: Some(unpin),
-                    xRekey: Some(rekey),
-                    xTruncate: Some(truncate),
-                    xDestroy: Some(destroy),
-                    xShrink: Some(shrink),
-                };
-                // Stored before SQLite can call any of ours.
-                let inner = Inner(default);
-                let set = ffi::sqlite3_config(
-                    ffi::SQLITE_CONFIG_PCACHE2,
-                    &ours as *const ffi::sqlite3_pcache_methods2,
-                );
-                (set == ffi::SQLITE_OK).then_some(inner)
+    *INSTALLED.get_or_init(|| {
+        // SAFETY: sqlite3_config with the documented argument types; SQLite copies the methods
+        // table it is given.
+        unsafe {
+            let mut default: ffi::sqlite3_pcache_methods2 = std::mem::zeroed();
+            let got = ffi::sqlite3_config(
+                ffi::SQLITE_CONFIG_GETPCACHE2,
+                &mut default as *mut ffi::sqlite3_pcache_methods2,
+            );
+            if got != ffi::SQLITE_OK || default.xCreate.is_none() {
+                return false;
             }
-        })
-        .is_some()
+            if DEFAULT.set(Inner(default)).is_err() {
+                return false;
+            }
+            let ours = ffi::sqlite3_pcache_methods2 {
+                iVersion: default.iVersion,
+                pArg: std::ptr::null_mut(),
+                xInit: Some(init),
+                xShutdown: Some(shutdown),
+                xCreate: Some(create),
+                xCachesize: Some(cachesize),
+                xPagecount: Some(pagecount),
+                xFetch: Some(fetch),
+                xUnpin: Some(unpin),
+                xRekey: Some(rekey),
+                xTruncate: Some(truncate),
+                xDestroy: Some(destroy),
+                xShrink: Some(shrink),
+            };
+            ffi::sqlite3_config(
+                ffi::SQLITE_CONFIG_PCACHE2,
+                &ours as *const ffi::sqlite3_pcache_methods2,
+            ) == ffi::SQLITE_OK
+        }
+    })
 }
 
 fn inner() -> &'static ffi::sqlite3_pcache_methods2 {
-    match INNER.get() {
-        Some(Some(Inner(methods))) => methods,
-        // Our methods are only registered once INNER holds the default ones.
-        _ => unreachable!("the page cache wrapper runs only once installed"),
+    match DEFAULT.get() {
+        Some(Inner(methods)) => methods,
+        // Ours are registered only after DEFAULT holds SQLite's.
+        None => unreachable!("the page cache wrapper runs only once installed"),
     }
 }
 
