@@ -8,6 +8,10 @@
 //!
 //! Prints per round: events/s, mean batch, and the writer thread's CPU per event (from /proc).
 
+#[path = "support/listener_notification.rs"]
+mod listener_notification;
+
+use listener_notification::notification;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -31,38 +35,6 @@ struct Args {
     concurrency: u64,
     #[arg(long, default_value_t = 3)]
     rounds: usize,
-}
-
-/// The `n`th notification of caller `conn`, as `http_bench` sends them: each order goes through
-/// creation, inProgress, one item completed, completed.
-fn notification(run: u64, conn: u64, n: u64) -> Vec<u8> {
-    let order = format!("SO-{run}-{conn}-{}", n / 4);
-    let event_id = format!("bench-{run}-{conn}-{n}");
-    let date = format!("2024-05-01T10:{:02}:00.000Z", n % 4);
-    let (event_type, event) = match n % 4 {
-        0 => (
-            "ServiceOrderCreationNotification",
-            format!(
-                r#"{{"id":"{order}","href":"/serviceOrder/{order}","externalId":"EXT-{n}","state":"acknowledged","orderDate":"2024-05-01T09:59:00.000Z","orderItem":[{{"id":"1","action":"add","state":"acknowledged","service":{{"name":"vFW"}}}},{{"id":"2","action":"add","state":"acknowledged","service":{{"name":"vLB"}}}}]}}"#
-            ),
-        ),
-        1 => (
-            "ServiceOrderStateChangeNotification",
-            format!(r#"{{"id":"{order}","state":"inProgress"}}"#),
-        ),
-        2 => (
-            "ServiceOrderItemStateChangeNotification",
-            format!(r#"{{"id":"{order}","orderItem":[{{"id":"1","state":"completed"}}]}}"#),
-        ),
-        _ => (
-            "ServiceOrderStateChangeNotification",
-            format!(r#"{{"id":"{order}","state":"completed","completionDateTime":"{date}"}}"#),
-        ),
-    };
-    format!(
-        r#"{{"eventId":"{event_id}","eventDate":"{date}","eventType":"{event_type}","event":{event}}}"#
-    )
-    .into_bytes()
 }
 
 /// CPU seconds (user + system) of this process's thread named `name`.
@@ -109,7 +81,7 @@ async fn round(args: &Args, run: u64) -> anyhow::Result<(f64, f64, f64)> {
         callers.push(tokio::spawn(async move {
             let mut applied = 0u64;
             for n in 0..per_caller {
-                let raw = notification(run, conn, n);
+                let raw = notification(run, conn, n).into_bytes();
                 let decoded = listener::decode(&raw).map_err(|e| anyhow::anyhow!("{e:?}"))?;
                 let outcome = ingest
                     .submit(decoded.into_envelope(raw, Default::default()))

@@ -9,6 +9,10 @@
 //! Listener requests follow each order's life (creation, inProgress, item completed, completed),
 //! every one a real change: each 201 is a durable commit, not a duplicate.
 
+#[path = "support/listener_notification.rs"]
+mod listener_notification;
+
+use listener_notification::notification;
 use std::{
     process::ExitCode,
     time::{Duration, Instant},
@@ -85,7 +89,7 @@ async fn main() -> ExitCode {
                         .post(format!("{base}/externalapi/listener/v1/listener"))
                         .bearer_auth(&token)
                         .header("content-type", "application/json;charset=utf-8")
-                        .body(notification(run, conn, n)),
+                        .body(notification(u64::from(run), conn as u64, n)),
                 };
                 match request.send().await {
                     Ok(r) if r.status().is_success() => {
@@ -140,37 +144,4 @@ async fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
-}
-
-/// The `n`th notification of a connection. Each order goes through the life the hub reports:
-/// creation (acknowledged, two items), inProgress, item 1 completed, completed; the next order
-/// starts after that. Every notification is new (no duplicate): each one is a real state change
-/// committed to the store.
-fn notification(run: u32, conn: usize, n: u64) -> String {
-    let order = format!("SO-{run}-{conn}-{}", n / 4);
-    let event_id = format!("bench-{run}-{conn}-{n}");
-    let date = format!("2024-05-01T10:{:02}:00.000Z", n % 4);
-    let (event_type, event) = match n % 4 {
-        0 => (
-            "ServiceOrderCreationNotification",
-            format!(
-                r#"{{"id":"{order}","href":"/serviceOrder/{order}","externalId":"EXT-{n}","state":"acknowledged","orderDate":"2024-05-01T09:59:00.000Z","orderItem":[{{"id":"1","action":"add","state":"acknowledged","service":{{"name":"vFW"}}}},{{"id":"2","action":"add","state":"acknowledged","service":{{"name":"vLB"}}}}]}}"#
-            ),
-        ),
-        1 => (
-            "ServiceOrderStateChangeNotification",
-            format!(r#"{{"id":"{order}","state":"inProgress"}}"#),
-        ),
-        2 => (
-            "ServiceOrderItemStateChangeNotification",
-            format!(r#"{{"id":"{order}","orderItem":[{{"id":"1","state":"completed"}}]}}"#),
-        ),
-        _ => (
-            "ServiceOrderStateChangeNotification",
-            format!(r#"{{"id":"{order}","state":"completed","completionDateTime":"{date}"}}"#),
-        ),
-    };
-    format!(
-        r#"{{"eventId":"{event_id}","eventDate":"{date}","eventType":"{event_type}","event":{event}}}"#
-    )
 }
