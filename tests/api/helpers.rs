@@ -322,26 +322,33 @@ pub fn header(props: &BasicProperties, name: &str) -> Option<String> {
 /// Close, from the broker side, every AMQP connection whose `connection_name` is `name`
 /// (blocking: runs `rabbitmqctl`). Returns how many were closed.
 pub fn close_broker_connections(name: &str) -> usize {
+    broker_connection_pids(name)
+        .iter()
+        .filter(|pid| close_broker_connection(pid))
+        .count()
+}
+
+/// The broker's process ids of the connections whose client-provided name is `name`.
+pub fn broker_connection_pids(name: &str) -> Vec<String> {
     let listing = std::process::Command::new("rabbitmqctl")
         .args(["list_connections", "-q", "pid", "client_properties"])
         .output()
         .expect("rabbitmqctl runs");
     let text = String::from_utf8_lossy(&listing.stdout);
     let needle = format!("\"{name}\"");
-    let mut closed = 0;
-    for line in text.lines().filter(|l| l.contains(&needle)) {
-        let Some(pid) = line.split_whitespace().next() else {
-            continue;
-        };
-        let status = std::process::Command::new("rabbitmqctl")
-            .args(["close_connection", pid, "closed by test"])
-            .status()
-            .expect("rabbitmqctl runs");
-        if status.success() {
-            closed += 1;
-        }
-    }
-    closed
+    text.lines()
+        .filter(|l| l.contains(&needle))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect()
+}
+
+/// Close one broker connection by its process id; true when the broker closed it.
+pub fn close_broker_connection(pid: &str) -> bool {
+    std::process::Command::new("rabbitmqctl")
+        .args(["close_connection", pid, "closed by test"])
+        .status()
+        .expect("rabbitmqctl runs")
+        .success()
 }
 
 /// Spawn the app around a given store (for fault injection).

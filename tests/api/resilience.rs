@@ -14,8 +14,8 @@ use subgate::store::Store;
 use crate::{
     erp::ErpQueues,
     helpers::{
-        close_broker_connections, eventually, query, spawn_app, temp_dir, test_settings, unique,
-        Broker,
+        broker_connection_pids, close_broker_connection, eventually, query, spawn_app, temp_dir,
+        test_settings, unique, Broker,
     },
 };
 
@@ -81,15 +81,31 @@ async fn assert_exactly_once(store: std::sync::Arc<dyn Store>, prefix: &str) {
 async fn broker_closing_the_connection_mid_stream_loses_and_duplicates_nothing() {
     let queues = ErpQueues::new();
     let name = unique("conn");
-    // A small prefetch and a batch wait slow the stream to a few thousand messages a second, so
-    // the close (rabbitmqctl takes a second or two) lands mid-stream.
+    // The stream is held to at most 500 messages a second: 20 unacknowledged messages at a time
+    // (the prefetch) and at least one 40 ms batch wait per commit, so 10,000 messages take 20 s
+    // or more. The close (one `rabbitmqctl` call, a second or two, more on a loaded machine)
+    // then lands mid-stream with a wide margin.
     let app = spawn_app(&queues.overrides(&[
         ("amqp.connection_name", name.as_str()),
-        ("amqp.prefetch", "50"),
-        ("ingest.batch_wait_ms", "20"),
+        ("amqp.prefetch", "20"),
+        ("ingest.batch_wait_ms", "40"),
     ]))
     .await;
     app.wait_ready().await;
+    // The connection's broker pid is looked up before the stream starts, so only the close
+    // itself runs while messages flow.
+    let lookup = name.clone();
+    let pids = eventually(30, "the gateway's broker connection listed", || {
+        let lookup = lookup.clone();
+        async move {
+            let pids = tokio::task::spawn_blocking(move || broker_connection_pids(&lookup))
+                .await
+                .ok()?;
+            (!pids.is_empty()).then_some(pids)
+        }
+    })
+    .await;
+    assert_eq!(pids.len(), 1, "one connection named {name}");
     let broker = Broker::connect().await;
     broker
         .publish_all(&queues.customers, stream("c", false))
@@ -100,10 +116,11 @@ async fn broker_closing_the_connection_mid_stream_loses_and_duplicates_nothing()
         (erp_events(store.clone()).await.0 > 200).then_some(())
     })
     .await;
-    let closed = tokio::task::spawn_blocking(move || close_broker_connections(&name))
+    let pid = pids[0].clone();
+    let closed = tokio::task::spawn_blocking(move || close_broker_connection(&pid))
         .await
         .unwrap();
-    assert_eq!(closed, 1);
+    assert!(closed, "the broker closed the connection");
     let (events_at_close, _) = erp_events(store.clone()).await;
     assert!(
         events_at_close < MESSAGES as i64,
