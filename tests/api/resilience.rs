@@ -237,7 +237,9 @@ fn store_at(dir: &Path, overrides: &[(&str, &str)]) -> std::sync::Arc<dyn Store>
 async fn kill_9_mid_stream_then_restart_loses_and_duplicates_nothing() {
     let queues = ErpQueues::new();
     let dir = temp_dir("kill9");
-    let overrides = queues.overrides(&[]);
+    // At most 100 unacknowledged messages and a 20 ms batch wait per commit hold the stream to
+    // 5,000 messages a second or less, so the kill lands mid-stream however fast the machine.
+    let overrides = queues.overrides(&[("amqp.prefetch", "100"), ("ingest.batch_wait_ms", "20")]);
     let mut first = Subgate::start(&dir, &overrides);
     first.wait_ready().await;
     let broker = Broker::connect().await;
@@ -286,7 +288,8 @@ async fn kill_9_mid_stream_then_restart_loses_and_duplicates_nothing() {
 async fn sigterm_mid_stream_exits_0_and_leaves_nothing_committed_unacked() {
     let queues = ErpQueues::new();
     let dir = temp_dir("sigterm");
-    let overrides = queues.overrides(&[]);
+    // Held to 5,000 messages a second or less, as in the kill -9 test.
+    let overrides = queues.overrides(&[("amqp.prefetch", "100"), ("ingest.batch_wait_ms", "20")]);
     let mut first = Subgate::start(&dir, &overrides);
     first.wait_ready().await;
     let broker = Broker::connect().await;
