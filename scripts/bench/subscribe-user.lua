@@ -1,5 +1,7 @@
--- wrk script: POST /subscribe-user with the document's example, a new pk, email and request id
--- on every call (so every call is a real change: profile, four consents, address forms).
+-- wrk script: POST /subscribe-user with the document's example, a new pk, email, phone and
+-- request id on every call (so every call is a real change: profile, four consents, address
+-- forms). Arguments: the Basic credentials, then the round (1, 2, ...): each round of a run
+-- uses its own pks and phones, so a later round repeats none of an earlier one's calls.
 local threads = {}
 local counter = 0
 
@@ -17,12 +19,15 @@ local template = [[{"pk": %d, "username": "username", "firstName": "Test", "last
 
 function init(args)
   auth = args[1]
+  round = tonumber(args[2] or "1")
 end
 
 function request()
   counter = counter + 1
-  local pk = tid * 10000000 + counter
-  local body = string.format(template, pk, pk, pk % 10000000)
+  local pk = round * 100000000 + tid * 10000000 + counter
+  -- Seven digits: 5,000,000 per wrk thread, 1,000,000 per round (rounds 1-5 never collide).
+  local phone = ((tid - 1) * 5000000 + (round - 1) * 1000000 + counter) % 10000000
+  local body = string.format(template, pk, pk, phone)
   return wrk.format("POST", "/subscribe-user", {
     ["Authorization"] = "Basic " .. auth,
     ["x-akinon-request-id"] = "bench-" .. pk,
