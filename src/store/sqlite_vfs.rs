@@ -268,43 +268,46 @@ unsafe extern "C" fn close(f: *mut ffi::sqlite3_file) -> c_int {
     }
 }
 
-unsafe extern "C" fn truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
+/// Write the buffer out, then make `call` on the wrapped file: for calls that must see the file
+/// as written.
+unsafe fn after_flush(
+    f: *mut ffi::sqlite3_file,
+    call: impl FnOnce(&'static ffi::sqlite3_io_methods, *mut ffi::sqlite3_file) -> c_int,
+) -> c_int {
+    match flush(f) {
+        ffi::SQLITE_OK => {
+            let (m, inner) = methods(f);
+            call(m, inner)
+        }
+        rc => rc,
     }
-    let (m, inner) = methods(f);
-    m.xTruncate
-        .map_or(ffi::SQLITE_IOERR_TRUNCATE, |x| x(inner, size))
+}
+
+unsafe extern "C" fn truncate(f: *mut ffi::sqlite3_file, size: i64) -> c_int {
+    after_flush(f, |m, inner| {
+        m.xTruncate
+            .map_or(ffi::SQLITE_IOERR_TRUNCATE, |x| x(inner, size))
+    })
 }
 
 unsafe extern "C" fn sync(f: *mut ffi::sqlite3_file, flags: c_int) -> c_int {
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    let (m, inner) = methods(f);
-    m.xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |x| x(inner, flags))
+    after_flush(f, |m, inner| {
+        m.xSync.map_or(ffi::SQLITE_IOERR_FSYNC, |x| x(inner, flags))
+    })
 }
 
 unsafe extern "C" fn file_size(f: *mut ffi::sqlite3_file, size: *mut i64) -> c_int {
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    let (m, inner) = methods(f);
-    m.xFileSize
-        .map_or(ffi::SQLITE_IOERR_FSTAT, |x| x(inner, size))
+    after_flush(f, |m, inner| {
+        m.xFileSize
+            .map_or(ffi::SQLITE_IOERR_FSTAT, |x| x(inner, size))
+    })
 }
 
 unsafe extern "C" fn file_control(f: *mut ffi::sqlite3_file, op: c_int, arg: *mut c_void) -> c_int {
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    let (m, inner) = methods(f);
-    m.xFileControl
-        .map_or(ffi::SQLITE_NOTFOUND, |x| x(inner, op, arg))
+    after_flush(f, |m, inner| {
+        m.xFileControl
+            .map_or(ffi::SQLITE_NOTFOUND, |x| x(inner, op, arg))
+    })
 }
 
 unsafe extern "C" fn lock(f: *mut ffi::sqlite3_file, level: c_int) -> c_int {
@@ -376,18 +379,13 @@ unsafe extern "C" fn fetch(
     out: *mut *mut c_void,
 ) -> c_int {
     // The WAL is never memory-mapped by SQLite; forwarded all the same, after a flush.
-    let rc = flush(f);
-    if rc != ffi::SQLITE_OK {
-        return rc;
-    }
-    let (m, inner) = methods(f);
-    match m.xFetch {
+    after_flush(f, |m, inner| match m.xFetch {
         Some(x) if m.iVersion >= 3 => x(inner, offset, amount, out),
         _ => {
             *out = std::ptr::null_mut();
             ffi::SQLITE_OK
         }
-    }
+    })
 }
 
 unsafe extern "C" fn unfetch(f: *mut ffi::sqlite3_file, offset: i64, page: *mut c_void) -> c_int {
