@@ -80,6 +80,7 @@ fn bodies(n: usize) -> Vec<String> {
                 received_at: 1_700_000_000_500,
             };
             let outbound = Outbound {
+                record: "customer",
                 data: json!({
                     "id": entity, "status": "Active", "name": format!("Çağlar Şahin {i}"),
                     "contact_medium": [{"characteristic": {
@@ -213,7 +214,9 @@ async fn through_outbox(settings: &Settings, store: Arc<dyn Store>, bodies: &[St
                             destination: "bench",
                             source: "erp",
                             kind: "customer.changed",
-                            entity: &format!("erp:{}", 1_000_000 + n),
+                            entity: &format!("erp:customer:{}", 1_000_000 + n),
+                            // As ingest writes it: every contact row has its contact key.
+                            contact_key: Some(&format!("email:musteri{n}@example.com")),
                             inbox_id: n as i64 + 1,
                             payload: body,
                             coalesce: false,

@@ -105,9 +105,14 @@ pub trait Change: Send + Sync + 'static {
     }
 
     /// What this change tells the delivery destinations: the event's `data` and, when it is
-    /// about a person, a contact view (`docs/delivery.md`). Asked only after `apply` returned
-    /// [`Applied::Changed`], inside the same savepoint; `None` (the default) delivers nothing.
-    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
-        None
+    /// about a person, a contact view (`docs/delivery.md`) built from the *stored* state (read
+    /// through `tx`, after `apply`), never from a copy the event embeds. Asked only after `apply`
+    /// returned [`Applied::Changed`], inside the same savepoint; `None` (the default) delivers
+    /// nothing.
+    fn outbound(
+        &self,
+        _tx: &mut dyn StoreTx,
+    ) -> Result<Option<crate::delivery::event::Outbound>, StoreError> {
+        Ok(None)
     }
 }

@@ -43,6 +43,8 @@ pub struct Application {
 pub fn queue_specs(settings: &Settings) -> anyhow::Result<Vec<QueueSpec>> {
     let mut specs = Vec::new();
     if settings.erp.enabled {
+        let phones = crate::consent::Normaliser::new(&settings.consent.default_region)
+            .map_err(|e| anyhow::anyhow!("consent.default_region: {e}"))?;
         for (queue, feed) in [
             (&settings.erp.customer_queue, Feed::Customer),
             (&settings.erp.subscription_queue, Feed::Subscription),
@@ -51,7 +53,10 @@ pub fn queue_specs(settings: &Settings) -> anyhow::Result<Vec<QueueSpec>> {
                 queue: queue.clone(),
                 declare: settings.erp.declare,
                 exchange: None,
-                decoder: Arc::new(ErpDecoder { feed }),
+                decoder: Arc::new(ErpDecoder {
+                    feed,
+                    phones: phones.clone(),
+                }),
             });
         }
     }

@@ -3,6 +3,8 @@
 //! through [`crate::envelope::Change::outbound`]; the ingest pipeline adds the envelope's
 //! metadata. `docs/delivery.md` documents the shape for source authors and receivers.
 
+use std::collections::BTreeMap;
+
 use serde::Serialize;
 use serde_json::{json, Value};
 
@@ -11,11 +13,22 @@ use crate::clock::to_rfc3339;
 /// What a real change tells the providers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outbound {
+    /// The kind of record the change is about, within its source (`customer`, `user`,
+    /// `order`, `member`, …): with the source and the entity it names the record
+    /// (`akinon:user:1` and `akinon:order:1` are two records), the outbox's ordering key.
+    pub record: &'static str,
     /// The event's `data`: the entity's new state in the source's canonical form.
     pub data: Value,
     /// The person the change is about, for contact-keyed providers (Emarsys). `None`: the
-    /// change is not about a person (a subscription, a service order).
+    /// change is not about a person (a subscription, a service order). Sources fill in the
+    /// profile from their *stored* record; the ingest pipeline then sets the consents from the
+    /// ledger ([`super::contact::with_ledger`]), so no embedded copy ever speaks for consent.
     pub contact: Option<ContactView>,
+}
+
+/// `source:record:entity`, e.g. `akinon:user:1`: the outbox's ordering and coalescing key.
+pub fn record_key(source: &str, record: &str, entity: &str) -> String {
+    format!("{source}:{record}:{entity}")
 }
 
 /// A person, in one vocabulary for every source. Fields a source does not know stay `None`
@@ -27,6 +40,9 @@ pub struct ContactView {
     /// As the upstream sent it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub phone: Option<String>,
+    /// The phone in E.164 (`consent.default_region` for national forms): the ledger's key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub phone_e164: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub first_name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -37,9 +53,27 @@ pub struct ContactView {
     /// `male` | `female` | anything else the upstream said (mapped by `gender_values`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub gender: Option<String>,
-    /// Marketing (email) consent.
+    /// Marketing (email) consent, from the ledger: `None` when the ledger knows nothing of the
+    /// email (Emarsys then keeps what it had).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub opt_in: Option<bool>,
+    /// The ledger's current state per channel (`email`, `sms`, `call`, `whatsapp`, `viber`)
+    /// for this contact's email and phone.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub consent: BTreeMap<String, ConsentView>,
+}
+
+/// One channel's current consent, as the ledger holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConsentView {
+    /// `opted_in` | `opted_out`.
+    pub state: String,
+    /// The normalised address (email lower-cased, phone in E.164).
+    pub address: String,
+    /// When the change happened (RFC 3339).
+    pub at: String,
+    /// Who reported it (`akinon`, `loymax`, `emarsys`, `unsubscribe_link`, …).
+    pub source: String,
 }
 
 impl ContactView {
@@ -48,7 +82,7 @@ impl ContactView {
         let text = |v: &Option<String>| v.clone().filter(|s| !s.trim().is_empty());
         match name {
             "email" => text(&self.email),
-            "phone" => text(&self.phone),
+            "phone" => text(&self.phone_e164).or_else(|| text(&self.phone)),
             "first_name" => text(&self.first_name),
             "last_name" => text(&self.last_name),
             "birth_date" => text(&self.birth_date),
@@ -83,6 +117,7 @@ pub fn canonical_event(meta: &EventMeta<'_>, outbound: &Outbound) -> Value {
         "type": meta.kind,
         "source": meta.source,
         "entity": meta.entity,
+        "record": record_key(meta.source, outbound.record, meta.entity),
         "occurred_at": meta.occurred_at.map(to_rfc3339),
         "received_at": to_rfc3339(meta.received_at),
         "inbox_id": meta.inbox_id,
@@ -112,6 +147,7 @@ mod tests {
             received_at: 0,
         };
         let outbound = Outbound {
+            record: "customer",
             data: json!({"id": "134719"}),
             contact: Some(ContactView {
                 email: Some("a@example.com".into()),
@@ -124,6 +160,7 @@ mod tests {
         assert_eq!(e["occurred_at"], Value::Null);
         assert_eq!(e["received_at"], "1970-01-01T00:00:00.000Z");
         assert_eq!(e["data"]["id"], "134719");
+        assert_eq!(e["record"], "erp:customer:134719");
         assert_eq!(e["contact"], json!({"email": "a@example.com"}));
         let without = canonical_event(
             &meta,

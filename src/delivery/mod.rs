@@ -2,6 +2,7 @@
 //! entity, through a durable outbox (see `docs/delivery.md`).
 //!
 //! - [`event`]: the canonical event every destination receives, and the contact view;
+//! - [`contact`]: the contact view's consents, from the ledger;
 //! - [`routes`]: which destinations an event goes to (used by the ingest transaction to write
 //!   one outbox row per matching destination);
 //! - [`retry`]: the pure retry policy (classification, schedule, jitter, `Retry-After`);
@@ -13,6 +14,7 @@
 //! tasks that read them back through the store (`spawn_blocking`, short transactions).
 
 pub mod amqp;
+pub mod contact;
 pub mod emarsys;
 pub mod event;
 pub mod retention;

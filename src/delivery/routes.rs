@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 use crate::{
     config::{DestinationKind, Settings},
     delivery::{
-        event::{canonical_event, EventMeta, Outbound},
+        contact::{contact_key, with_ledger},
+        event::{canonical_event, record_key, EventMeta, Outbound},
         retry::schedule_text,
     },
     envelope::Envelope,
@@ -87,7 +88,8 @@ impl OutboxRoutes {
     }
 
     /// Write the outbox rows of one real change (inside the ingest transaction). The change
-    /// says what it tells the providers; no answer, no rows.
+    /// says what it tells the providers; no answer, no rows. The contact's consents are the
+    /// ledger's, read in this transaction.
     pub fn write_outbox(
         &self,
         tx: &mut dyn StoreTx,
@@ -97,11 +99,14 @@ impl OutboxRoutes {
         if self.routes.is_empty() {
             return Ok(0);
         }
-        let Some(outbound) = env.change.outbound() else {
+        let Some(mut outbound) = env.change.outbound(tx)? else {
             return Ok(0);
         };
+        if let Some(contact) = outbound.contact.as_mut() {
+            with_ledger(tx, contact)?;
+        }
         let mut payload: Option<String> = None;
-        let entity = format!("{}:{}", env.source, env.entity);
+        let entity = record_key(env.source, outbound.record, &env.entity);
         let mut written = 0;
         for route in &self.routes {
             let Some(coalesce) = route.accepts(env.source, &env.kind, &outbound) else {
@@ -118,11 +123,16 @@ impl OutboxRoutes {
                 };
                 canonical_event(&meta, &outbound).to_string()
             });
+            let contact = outbound
+                .contact
+                .as_ref()
+                .and_then(|c| contact_key(c, route.contact_key.as_deref()));
             tx.insert_outbox(&NewOutboxRow {
                 destination: &route.destination,
                 source: env.source,
                 kind: &env.kind,
                 entity: &entity,
+                contact_key: contact.as_deref(),
                 inbox_id,
                 payload,
                 coalesce,
@@ -157,6 +167,7 @@ mod tests {
     #[test]
     fn filters_by_source_kind_and_contact_key() {
         let person = Outbound {
+            record: "customer",
             data: json!({}),
             contact: Some(ContactView {
                 email: Some("a@example.com".into()),
@@ -164,6 +175,7 @@ mod tests {
             }),
         };
         let thing = Outbound {
+            record: "subscription",
             data: json!({}),
             contact: None,
         };

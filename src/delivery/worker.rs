@@ -325,7 +325,10 @@ impl Worker {
     fn spawn_claim(&self) -> JoinHandle<Result<Vec<OutboxRow>, StoreError>> {
         let store = self.store.clone();
         let claim = self.claim_request();
-        tokio::task::spawn_blocking(move || store.claim_deliveries(&claim))
+        tokio::task::spawn_blocking(move || {
+            let rows = store.claim_deliveries(&claim)?;
+            with_current_consent(store.as_ref(), rows)
+        })
     }
 
     fn spawn_record(&self, attempts: Vec<AttemptRecord>) -> JoinHandle<Result<(), StoreError>> {
@@ -427,7 +430,7 @@ impl Worker {
         let store = self.store.clone();
         let claim = self.claim_request();
         tokio::task::spawn_blocking(move || match store.record_then_claim(&attempts, &claim) {
-            Ok(rows) => Ok(rows),
+            Ok(rows) => with_current_consent(store.as_ref(), rows),
             // The claim must not take the answers down with it (they would be sent again once
             // the leases expire, and their attempts would be missing): record them on their
             // own (PostgreSQL: on another pooled connection), and claim nothing this time.
@@ -691,6 +694,11 @@ impl Worker {
                 tracing::warn!(destination = %self.destination, error = %e, "leases not released; they expire")
             }
         }
+        // The worker may hold the store's last handle: a PostgreSQL client closes its
+        // connection by blocking, which must not happen on a runtime thread.
+        let store = self.store.clone();
+        drop(self);
+        let _ = tokio::task::spawn_blocking(move || drop(store)).await;
     }
 }
 
@@ -699,6 +707,24 @@ struct Judged {
     attempts: Vec<AttemptRecord>,
     report: StepReport,
     pause: Option<Duration>,
+}
+
+/// A replayed row was written before whatever happened while it lay dead: its contact's consents
+/// are read again from the ledger, so a replay never tells a provider an outdated opt-in. (Rows
+/// that were never dead need not be: the contact guard sends a contact's rows in commit order,
+/// each with the ledger's state at its commit.) A failed read fails the claim: its rows wait for
+/// their lease to expire rather than go out with what may be an outdated opt-in.
+fn with_current_consent(
+    store: &dyn Store,
+    mut rows: Vec<OutboxRow>,
+) -> Result<Vec<OutboxRow>, StoreError> {
+    for row in rows.iter_mut().filter(|r| r.replays > 0) {
+        let mut lookup = |key: &str| store.get_record(crate::consent::CONSENT, key);
+        if let Some(payload) = super::contact::refresh_payload(&row.payload, &mut lookup)? {
+            row.payload = payload;
+        }
+    }
+    Ok(rows)
 }
 
 fn add(total: &mut StepReport, report: &StepReport) {
@@ -731,7 +757,8 @@ mod tests {
             destination: "d".into(),
             source: "erp".into(),
             kind: "customer.changed".into(),
-            entity: "erp:1".into(),
+            entity: "erp:customer:1".into(),
+            contact_key: None,
             inbox_id: 1,
             payload: "{}".into(),
             coalesce: false,

@@ -899,6 +899,7 @@ mod tests {
             exchange: None,
             decoder: Arc::new(crate::sources::erp::ErpDecoder {
                 feed: crate::sources::erp::Feed::Customer,
+                phones: crate::consent::Normaliser::new("TR").unwrap(),
             }),
         };
         let chunk: Vec<Incoming> = (0..DECODE_CHUNK as u64)

@@ -28,18 +28,30 @@ pub struct ConsentReport {
 }
 
 impl Change for ConsentReport {
-    /// The ledger change; for an email address also a contact view carrying the opt-in, so a
-    /// provider's unsubscribe report reaches the other providers.
-    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
-        let opted_in = self.state == ConsentState::OptedIn;
-        let contact = (self.address.channel == crate::consent::Channel::Email).then(|| {
-            crate::delivery::event::ContactView {
-                email: Some(self.address.normalised.clone()),
-                opt_in: Some(opted_in),
+    /// The ledger change, with a contact view of the address (email, or phone for the phone
+    /// channels) whose consents the pipeline fills in from the ledger: a provider's unsubscribe
+    /// report reaches the other providers.
+    fn outbound(
+        &self,
+        _tx: &mut dyn crate::store::StoreTx,
+    ) -> Result<Option<crate::delivery::event::Outbound>, crate::store::StoreError> {
+        let address = &self.address;
+        let contact = if address.channel == Channel::Email {
+            Some(crate::delivery::event::ContactView {
+                email: Some(address.normalised.clone()),
                 ..Default::default()
-            }
-        });
-        Some(crate::delivery::event::Outbound {
+            })
+        } else if address.channel.is_phone() {
+            Some(crate::delivery::event::ContactView {
+                phone: Some(address.as_sent.clone()),
+                phone_e164: Some(address.normalised.clone()),
+                ..Default::default()
+            })
+        } else {
+            None
+        };
+        Ok(Some(crate::delivery::event::Outbound {
+            record: "consent",
             data: serde_json::json!({
                 "channel": self.address.channel,
                 "address": self.address.as_sent,
@@ -48,7 +60,7 @@ impl Change for ConsentReport {
                 "reported_by": self.reported_by,
             }),
             contact,
-        })
+        }))
     }
 
     fn apply(

@@ -7,10 +7,11 @@ use sha2::{Digest, Sha256};
 
 use super::amqp::{AmqpMessage, Decoder, Rejection};
 use crate::{
+    consent::Normaliser,
     delivery::event::{ContactView, Outbound},
     envelope::{Applied, ApplyContext, ApplyError, Change, Envelope},
     projection::{apply_snapshot_doc, SnapshotDoc},
-    store::StoreTx,
+    store::{StoreError, StoreTx},
 };
 
 pub const SOURCE: &str = "erp";
@@ -39,6 +40,9 @@ impl Feed {
 /// Decoder for one ERP queue.
 pub struct ErpDecoder {
     pub feed: Feed,
+    /// Reads the customers' phone numbers (`consent.default_region`: the ERP sends Turkish
+    /// mobiles as `5xxxxxxxxx`) for the contact view.
+    pub phones: Normaliser,
 }
 
 impl Decoder for ErpDecoder {
@@ -65,8 +69,13 @@ impl Decoder for ErpDecoder {
         // Serialised and hashed here, on the consumer's task, rather than on the writer thread.
         let prepared =
             SnapshotDoc::new(&doc).map_err(|e| Rejection::new("unserialisable", e.to_string()))?;
+        let contact = match self.feed {
+            Feed::Customer => Some(customer_contact(&doc, &self.phones)),
+            Feed::Subscription => None,
+        };
         let change = ErpSnapshot {
             feed: self.feed,
+            contact,
             entity: entity.clone(),
             doc,
             prepared,
@@ -392,6 +401,8 @@ fn parse_integer(text: &str) -> Option<Number> {
 /// An ERP snapshot and how it projects.
 struct ErpSnapshot {
     feed: Feed,
+    /// Customers: the person, from the snapshot (which is the stored state once applied).
+    contact: Option<ContactView>,
     entity: String,
     doc: Value,
     prepared: SnapshotDoc,
@@ -439,23 +450,25 @@ impl Change for ErpSnapshot {
         vec![(kind, self.entity.as_str())]
     }
 
-    /// The new snapshot as the event's data; customers also carry a contact view.
-    fn outbound(&self) -> Option<Outbound> {
-        let contact = match self.feed {
-            Feed::Customer => Some(customer_contact(&self.doc)),
-            Feed::Subscription => None,
+    /// The new snapshot as the event's data; customers also carry a contact view. Asked only
+    /// when the snapshot was applied, so it is the stored state.
+    fn outbound(&self, _tx: &mut dyn StoreTx) -> Result<Option<Outbound>, StoreError> {
+        let record = match self.feed {
+            Feed::Customer => "customer",
+            Feed::Subscription => "subscription",
         };
-        Some(Outbound {
+        Ok(Some(Outbound {
+            record,
             data: self.doc.clone(),
-            contact,
-        })
+            contact: self.contact.clone(),
+        }))
     }
 }
 
 /// The contact view of an ERP customer: `name` split at its last space (given names, family
 /// name), the first `phoneNumber` and `emailAddress` (or `email`) among the contact media. The
-/// ERP says nothing about consent, birth date or gender.
-fn customer_contact(doc: &Value) -> ContactView {
+/// ERP says nothing about consent (the ledger does), birth date or gender.
+fn customer_contact(doc: &Value, phones: &Normaliser) -> ContactView {
     let name = doc["name"]
         .as_str()
         .map(str::trim)
@@ -477,9 +490,12 @@ fn customer_contact(doc: &Value) -> ContactView {
                 .filter(|t| !t.is_empty())
         })
     };
+    let email = first_of(&["emailAddress", "email"]);
+    let phone = first_of(&["phoneNumber"]);
     ContactView {
-        email: first_of(&["emailAddress", "email"]),
-        phone: first_of(&["phoneNumber"]),
+        email: email.map(|e| crate::consent::email(&e).unwrap_or(e)),
+        phone_e164: phone.as_deref().and_then(|p| phones.phone(p).ok()),
+        phone,
         first_name,
         last_name,
         ..ContactView::default()
@@ -560,13 +576,15 @@ mod tests {
                 {"characteristic":{"city":"İSTANBUL"}},
                 {"characteristic":{"phoneNumber":5351234567,"emailAddress":" a@example.com "}}]}"#))
             .unwrap();
-        let c = customer_contact(&doc);
+        let phones = Normaliser::new("TR").unwrap();
+        let c = customer_contact(&doc, &phones);
         assert_eq!(c.first_name.as_deref(), Some("Ayşe Nur"));
         assert_eq!(c.last_name.as_deref(), Some("Yılmaz"));
         assert_eq!(c.phone.as_deref(), Some("5351234567"));
+        assert_eq!(c.phone_e164.as_deref(), Some("+905351234567"));
         assert_eq!(c.email.as_deref(), Some("a@example.com"));
         let (_, bare) = decode_customer(obj(r#"{"id":"2","name":"Cher"}"#)).unwrap();
-        let c = customer_contact(&bare);
+        let c = customer_contact(&bare, &phones);
         assert_eq!((c.first_name.as_deref(), c.last_name), (Some("Cher"), None));
         assert_eq!(c.email, None);
     }

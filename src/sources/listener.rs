@@ -613,11 +613,15 @@ impl Notification {
 
 impl Change for Notification {
     /// The notification as received; a service order is not about a person (no contact view).
-    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
-        Some(crate::delivery::event::Outbound {
+    fn outbound(
+        &self,
+        _tx: &mut dyn StoreTx,
+    ) -> Result<Option<crate::delivery::event::Outbound>, crate::store::StoreError> {
+        Ok(Some(crate::delivery::event::Outbound {
+            record: "service_order",
             data: self.body.clone(),
             contact: None,
-        })
+        }))
     }
 
     fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {

@@ -350,8 +350,11 @@ pub struct NewOutboxRow<'a> {
     pub destination: &'a str,
     pub source: &'a str,
     pub kind: &'a str,
-    /// Ordering key: `source:entity`.
+    /// Ordering and coalescing key: the record, `source:record:entity` (`akinon:user:1`).
     pub entity: &'a str,
+    /// Second ordering key: the contact the row tells the provider about (`email:…`,
+    /// `phone:+…`), so rows about one person from different records go out in commit order.
+    pub contact_key: Option<&'a str>,
     pub inbox_id: i64,
     /// The canonical event JSON.
     pub payload: &'a str,
@@ -370,6 +373,7 @@ pub struct OutboxRow {
     pub source: String,
     pub kind: String,
     pub entity: String,
+    pub contact_key: Option<String>,
     pub inbox_id: i64,
     #[serde(skip)]
     pub payload: String,

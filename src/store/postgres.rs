@@ -37,6 +37,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0002_outbox.sql"),
     include_str!("../../migrations/postgres/0003_drop_inbox_entity_index.sql"),
     include_str!("../../migrations/postgres/0004_outbox_retention.sql"),
+    include_str!("../../migrations/postgres/0005_outbox_record_and_contact_keys.sql"),
 ];
 const READERS_KEPT: usize = 4;
 /// Session advisory lock key held while migrating ("subgate" in ASCII).
@@ -177,7 +178,7 @@ macro_rules! outbox_columns {
         "id, destination, source, kind, entity, inbox_id,
          (SELECT p.payload FROM outbox_payloads p WHERE p.id = payload_id), coalesce,
          schedule, created_at, state, attempts, next_attempt_at, locked_until, last_status,
-         last_error, last_response, finished_at, superseded_by, replays"
+         last_error, last_response, finished_at, superseded_by, replays, contact_key"
     };
 }
 
@@ -204,6 +205,7 @@ fn read_outbox(row: &Row) -> Result<OutboxRow, StoreError> {
         finished_at: row.try_get(17)?,
         superseded_by: row.try_get(18)?,
         replays: row.try_get(19)?,
+        contact_key: row.try_get(20)?,
     })
 }
 
@@ -276,6 +278,10 @@ macro_rules! claim_candidates {
            AND o.id = (SELECT min(p.id) FROM outbox p
                        WHERE p.destination = o.destination AND p.entity = o.entity
                          AND p.state = 'pending')
+           AND (o.contact_key IS NULL
+                OR o.id = (SELECT min(k.id) FROM outbox k
+                           WHERE k.destination = o.destination AND k.contact_key = o.contact_key
+                             AND k.state = 'pending'))
          ORDER BY next_attempt_at, id LIMIT $3
          FOR UPDATE SKIP LOCKED"
     };
@@ -328,13 +334,28 @@ fn coalesce_into_latest(
          ORDER BY id",
         &[&c.destination, &head.entity, &head.id],
     )?;
+    // A pending row of another record about the same contact is a barrier: jumping over it
+    // would send this contact's newer state before an older one.
+    let barrier: Option<i64> = match &head.contact_key {
+        Some(contact) => match conn.query_opt(
+            "SELECT min(id) FROM outbox
+             WHERE destination = $1 AND contact_key = $2 AND state = 'pending' AND id > $3
+               AND entity <> $4",
+            &[&c.destination, contact, &head.id, &head.entity],
+        )? {
+            Some(row) => row.try_get(0)?,
+            None => None,
+        },
+        None => None,
+    };
     let mut latest = None;
     for row in &later {
         let snapshot: bool = row.try_get(1)?;
-        if !snapshot {
+        let id: i64 = row.try_get(0)?;
+        if !snapshot || barrier.is_some_and(|b| id >= b) {
             break;
         }
-        latest = Some(row.try_get::<_, i64>(0)?);
+        latest = Some(id);
     }
     let Some(latest) = latest else {
         return Ok(());
@@ -1085,10 +1106,12 @@ impl StoreTx for Tx<'_> {
             .conn
             .query_opt(
                 "INSERT INTO outbox (destination, source, kind, entity, inbox_id, payload_id,
-                                     coalesce, schedule, created_at, next_attempt_at)
+                                     coalesce, schedule, created_at, next_attempt_at, contact_key)
                  SELECT $1::text, $2::text, $3::text, $4::text, $5::bigint, $6::bigint, $7::boolean,
-                        $8::text, $9::bigint, $9::bigint
-                 FROM (SELECT pg_advisory_xact_lock(hashtextextended('outbox' || chr(31) || $4::text, 0))) AS ordering_lock
+                        $8::text, $9::bigint, $9::bigint, $10::text
+                 FROM (SELECT pg_advisory_xact_lock(hashtextextended('outbox' || chr(31) || $4::text, 0)),
+                              (SELECT pg_advisory_xact_lock(hashtextextended('contact' || chr(31) || $10::text, 0))
+                               WHERE $10::text IS NOT NULL)) AS ordering_lock
                  RETURNING id",
                 &[
                     &r.destination,
@@ -1100,6 +1123,7 @@ impl StoreTx for Tx<'_> {
                     &r.coalesce,
                     &r.schedule,
                     &r.created_at,
+                    &r.contact_key,
                 ],
             )?
             .ok_or_else(|| StoreError::Failed("no id from INSERT RETURNING".into()))?;

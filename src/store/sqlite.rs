@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/sqlite/0003_drop_inbox_entity_index.sql"),
     include_str!("../../migrations/sqlite/0004_outbox_retention.sql"),
     include_str!("../../migrations/sqlite/0005_records_by_rowid.sql"),
+    include_str!("../../migrations/sqlite/0006_outbox_record_and_contact_keys.sql"),
 ];
 
 const READERS_KEPT: usize = 4;
@@ -445,8 +446,8 @@ impl StoreTx for Tx<'_> {
         self.conn
             .prepare_cached(
                 "INSERT INTO outbox (destination, source, kind, entity, inbox_id, payload_id,
-                                     coalesce, schedule, created_at, next_attempt_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9)",
+                                     coalesce, schedule, created_at, next_attempt_at, contact_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?9, ?10)",
             )?
             .execute(params![
                 r.destination,
@@ -457,7 +458,8 @@ impl StoreTx for Tx<'_> {
                 payload_id,
                 r.coalesce,
                 r.schedule,
-                r.created_at
+                r.created_at,
+                r.contact_key
             ])?;
         Ok(self.conn.last_insert_rowid())
     }
@@ -466,7 +468,7 @@ impl StoreTx for Tx<'_> {
 const OUTBOX_COLUMNS: &str = "id, destination, source, kind, entity, inbox_id,
     (SELECT p.payload FROM outbox_payloads p WHERE p.id = payload_id), coalesce,
     schedule, created_at, state, attempts, next_attempt_at, locked_until, last_status, last_error,
-    last_response, finished_at, superseded_by, replays";
+    last_response, finished_at, superseded_by, replays, contact_key";
 
 /// [`OUTBOX_COLUMNS`] for the claim, which joins the payload (`p`) to the row (`o`): a join opens
 /// the payload cursor once per statement, where the scalar subquery opens it once per row (about
@@ -476,7 +478,7 @@ const OUTBOX_COLUMNS: &str = "id, destination, source, kind, entity, inbox_id,
 const CLAIM_COLUMNS: &str = "o.id, o.destination, o.source, o.kind, o.entity, o.inbox_id,
     p.payload, o.coalesce, o.schedule, o.created_at, o.state, o.attempts, o.next_attempt_at,
     o.locked_until, o.last_status, o.last_error, o.last_response, o.finished_at, o.superseded_by,
-    o.replays";
+    o.replays, o.contact_key";
 
 /// The text of `list_deliveries` for a state filter and whether a destination is given
 /// (parameters: ?1 destination, ?2 since, ?3 after id, ?4 limit). The state and the presence of
@@ -530,6 +532,7 @@ fn read_outbox(row: &rusqlite::Row<'_>) -> rusqlite::Result<OutboxRow> {
         finished_at: row.get(17)?,
         superseded_by: row.get(18)?,
         replays: row.get(19)?,
+        contact_key: row.get(20)?,
     })
 }
 
@@ -581,8 +584,8 @@ fn in_write_tx<T>(
     }
 }
 
-/// The claim's read: up to `limit` due, unleased heads of their key (parameters: ?1 destination,
-/// ?2 now), oldest due first, with their payloads.
+/// The claim's read: up to `limit` due, unleased heads of their record and of their contact
+/// (parameters: ?1 destination, ?2 now), oldest due first, with their payloads.
 #[doc(hidden)]
 pub fn claim_heads_sql(limit: i64) -> String {
     format!(
@@ -592,6 +595,11 @@ pub fn claim_heads_sql(limit: i64) -> String {
            AND NOT EXISTS (SELECT 1 FROM outbox e
                            WHERE e.destination = o.destination AND e.entity = o.entity
                              AND e.state = 'pending' AND e.id < o.id)
+           AND (o.contact_key IS NULL
+                OR NOT EXISTS (SELECT 1 FROM outbox c INDEXED BY outbox_pending_contact
+                               WHERE c.destination = o.destination
+                                 AND c.contact_key = o.contact_key
+                                 AND c.state = 'pending' AND c.id < o.id))
          ORDER BY o.next_attempt_at, o.id LIMIT {limit}"
     )
 }
@@ -655,9 +663,23 @@ fn coalesce_into_latest(
             Ok((r.get(0)?, r.get(1)?))
         })?
         .collect::<Result<_, _>>()?;
+    // A pending row of another record about the same contact is a barrier: jumping over it
+    // would send this contact's newer state before an older one.
+    let barrier: Option<i64> = match &head.contact_key {
+        Some(contact) => conn
+            .prepare_cached(
+                "SELECT min(id) FROM outbox INDEXED BY outbox_pending_contact
+                 WHERE destination = ?1 AND contact_key = ?2 AND state = 'pending' AND id > ?3
+                   AND entity <> ?4",
+            )?
+            .query_row(params![c.destination, contact, head.id, head.entity], |r| {
+                r.get(0)
+            })?,
+        None => None,
+    };
     let Some(latest) = later
         .iter()
-        .take_while(|(_, snapshot)| *snapshot)
+        .take_while(|(id, snapshot)| *snapshot && barrier.is_none_or(|b| *id < b))
         .last()
         .map(|(id, _)| *id)
     else {

@@ -199,6 +199,7 @@ fn customer_event(inbox_id: i64, entity: &str, version: i64, email: Option<&str>
         received_at: 1_700_000_000_000,
     };
     let outbound = Outbound {
+        record: "customer",
         data: json!({ "id": entity, "version": version }),
         contact: email.map(|e| ContactView {
             email: Some(e.to_owned()),
@@ -221,7 +222,8 @@ fn enqueue(store: &Arc<dyn Store>, rows: &[(&str, &str, String, bool, &str)]) ->
                     destination,
                     source: "erp",
                     kind: "customer.changed",
-                    entity: &format!("erp:{entity}"),
+                    entity: &format!("erp:customer:{entity}"),
+                    contact_key: None,
                     inbox_id: i as i64 + 1,
                     payload,
                     coalesce: *coalesce,
@@ -305,8 +307,11 @@ async fn erp_change_reaches_the_webhook_signed_and_a_duplicate_sends_nothing() {
     assert_eq!(event["data"]["name"], "Ayşe Nur Yılmaz");
     assert_eq!(
         event["contact"],
-        json!({"email": "ayse@example.com", "phone": "5351234567", "first_name": "Ayşe Nur", "last_name": "Yılmaz"})
+        json!({"email": "ayse@example.com", "phone": "5351234567", "phone_e164": "+905351234567",
+               "first_name": "Ayşe Nur", "last_name": "Yılmaz"}),
+        "the ERP says nothing of consent, and the ledger knows nothing of this person"
     );
+    assert_eq!(event["record"], "erp:customer:c-1");
     let inbox_id = event["inbox_id"].as_i64().unwrap();
     assert_eq!(event["id"], format!("evt_{inbox_id}"));
     assert_eq!(seen[1].json()["entity"], "c-2");
@@ -1244,11 +1249,22 @@ async fn akinon_subscribe_user_reaches_the_webhook_with_its_contact_view() {
         event["data"]["username"], "username",
         "unknown fields travel too"
     );
+    let consent = |state: &str, address: &str| {
+        json!({"state": state, "address": address, "at": "2024-06-01T00:00:00.000Z",
+               "source": "akinon"})
+    };
     assert_eq!(
         event["contact"],
-        json!({"email": "user@example.com", "phone": "05351234567", "first_name": "Test",
-               "last_name": "User", "birth_date": "1990-01-01", "gender": "male", "opt_in": true})
+        json!({"email": "user@example.com", "phone": "05351234567",
+               "phone_e164": "+905351234567", "first_name": "Test", "last_name": "User",
+               "birth_date": "1990-01-01", "gender": "male", "opt_in": true,
+               "consent": {
+                   "email": consent("opted_in", "user@example.com"),
+                   "sms": consent("opted_in", "+905351234567"),
+                   "call": consent("opted_in", "+905351234567"),
+                   "whatsapp": consent("opted_out", "+905351234567")}})
     );
+    assert_eq!(event["record"], "akinon:user:1");
     app.stop().await.unwrap();
 }
 

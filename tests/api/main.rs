@@ -3,6 +3,7 @@
 
 pub mod akinon;
 mod cli;
+mod consent_truth;
 mod consents;
 pub mod delivery;
 pub mod erp;

@@ -11,9 +11,10 @@ use sha2::{Digest, Sha256};
 use self::validate::{FieldError, OrderInfo, SubscribeEmail, UserProfile};
 use crate::{
     consent::{record_consent, Address, Channel, ConsentChange, ConsentState, Normaliser},
+    delivery::event::{ContactView, Outbound},
     envelope::{Applied, ApplyContext, ApplyError, Change, Envelope},
     projection::apply_snapshot,
-    store::StoreTx,
+    store::{StoreError, StoreTx},
 };
 
 pub const SOURCE: &str = "akinon";
@@ -87,7 +88,11 @@ pub fn decode(
         }
         Endpoint::OrderInfo => {
             let o = validate::order_info(&object, normaliser).map_err(DecodeError::Fields)?;
-            (o.pk.clone(), Some(o.user.modified_at), Akinon::Order(o))
+            (
+                o.pk.clone(),
+                Some(o.user.modified_at),
+                Akinon::Order(o, normaliser.clone()),
+            )
         }
     };
     let dedupe_key = format!(
@@ -125,42 +130,52 @@ pub enum DecodeError {
 enum Akinon {
     Email(SubscribeEmail),
     User(UserProfile),
-    Order(OrderInfo),
+    /// With the normaliser that reads the stored user back for the contact view.
+    Order(OrderInfo, Normaliser),
 }
 
 impl Change for Akinon {
-    /// The call's canonical data, and the contact view of the person it is about.
-    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
-        use crate::delivery::event::{ContactView, Outbound};
-        Some(match self {
+    /// The call's canonical data, and the contact view of the person it is about. An order's
+    /// contact is the *stored* user (its embedded copy may be older than what is stored and
+    /// then changes nothing); the consents come from the ledger (the pipeline sets them).
+    fn outbound(&self, tx: &mut dyn StoreTx) -> Result<Option<Outbound>, StoreError> {
+        Ok(Some(match self {
             Akinon::Email(s) => Outbound {
+                record: "email",
                 data: json!({ "email": s.email.as_sent, "domain": s.domain }),
                 contact: Some(ContactView {
                     email: Some(s.email.normalised.clone()),
-                    opt_in: Some(true),
                     ..Default::default()
                 }),
             },
             Akinon::User(u) => Outbound {
+                record: "user",
                 data: u.doc.clone(),
                 contact: Some(user_contact(u)),
             },
-            Akinon::Order(o) => {
+            Akinon::Order(o, normaliser) => {
                 let mut data = o.doc.clone();
                 data["user"] = o.user.doc.clone();
+                let stored = tx.get_record(USER, &o.user.pk)?;
+                let user = stored
+                    .as_ref()
+                    .filter(|r| r.doc != o.user.doc)
+                    .and_then(|r| r.doc.as_object())
+                    .and_then(|doc| validate::subscribe_user(doc, normaliser).ok());
                 Outbound {
+                    record: "order",
                     data,
-                    contact: Some(user_contact(&o.user)),
+                    contact: Some(user_contact(user.as_ref().unwrap_or(&o.user))),
                 }
             }
-        })
+        }))
     }
 
     fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
         match self {
             Akinon::Email(s) => apply_subscribe_email(tx, s, ctx),
             Akinon::User(u) => apply_user(tx, u, ctx),
-            Akinon::Order(o) => {
+            Akinon::Order(o, _) => {
                 // Orders carry no modification time: change detection only, last call wins.
                 let order_ctx = ApplyContext {
                     occurred_at: None,
@@ -177,9 +192,9 @@ impl Change for Akinon {
     }
 }
 
-/// An Akinon user as a contact: names, email, phone as sent, birth date, gender (`M`/`F` →
-/// `male`/`female`, anything else as sent), and the email consent as the opt-in.
-fn user_contact(u: &UserProfile) -> crate::delivery::event::ContactView {
+/// An Akinon user as a contact: names, email, phone as sent (and in E.164), birth date, gender
+/// (`M`/`F` → `male`/`female`, anything else as sent). No consent: the ledger has the last word.
+fn user_contact(u: &UserProfile) -> ContactView {
     let text = |key: &str| {
         u.doc[key]
             .as_str()
@@ -187,9 +202,10 @@ fn user_contact(u: &UserProfile) -> crate::delivery::event::ContactView {
             .filter(|t| !t.is_empty())
             .map(str::to_owned)
     };
-    crate::delivery::event::ContactView {
+    ContactView {
         email: Some(u.email.normalised.clone()),
         phone: u.phone.as_ref().map(|p| p.as_sent.clone()),
+        phone_e164: u.phone.as_ref().map(|p| p.normalised.clone()),
         first_name: text("firstName"),
         last_name: text("lastName"),
         birth_date: text("dateOfBirth").map(|d| d.chars().take(10).collect()),
@@ -198,7 +214,7 @@ fn user_contact(u: &UserProfile) -> crate::delivery::event::ContactView {
             "F" | "FEMALE" => "female".to_owned(),
             _ => g,
         }),
-        opt_in: Some(u.email_allowed),
+        ..ContactView::default()
     }
 }
 

@@ -248,6 +248,34 @@ impl Event {
         }
     }
 
+    /// The member the event is about, when it names one (a merge: the surviving profile).
+    pub fn member(&self) -> Option<&MemberRef> {
+        match self {
+            Event::Registration { member, .. } | Event::CardLink { member, .. } => Some(member),
+            Event::Merge { to, .. } => Some(to),
+            Event::CardActivation { member, .. }
+            | Event::CardBlock { member, .. }
+            | Event::CardDelete { member, .. }
+            | Event::CardCategory { member, .. }
+            | Event::Unknown { member } => member.as_ref(),
+            Event::Attribute(a) => Some(&a.member),
+            Event::Subscription(s) => Some(&s.member),
+            Event::Purchase(p) | Event::Refund(p) => Some(&p.member),
+        }
+    }
+
+    /// The kind of record [`Event::entity`] names: `member`, or `card` for a card event that
+    /// names no member.
+    pub fn record_kind(&self) -> &'static str {
+        match self {
+            Event::CardActivation { member: None, .. }
+            | Event::CardBlock { member: None, .. }
+            | Event::CardDelete { member: None, .. }
+            | Event::CardCategory { member: None, .. } => "card",
+            _ => "member",
+        }
+    }
+
     /// Events that set state (rather than accumulate it): when their dedupe key is only the
     /// content, the same bytes seen again after a different event are applied again by change
     /// detection (block → unblock → block ends blocked).

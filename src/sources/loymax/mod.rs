@@ -192,12 +192,17 @@ impl Change for LoymaxChange {
         self.reapply
     }
 
-    /// The event as received. Loymax events carry no complete profile, so no contact view:
-    /// Emarsys gets members through the sources that do (ERP, Akinon).
-    fn outbound(&self) -> Option<crate::delivery::event::Outbound> {
-        Some(crate::delivery::event::Outbound {
+    /// The event as received, and the contact view of its member as stored (addresses from
+    /// the `Email`/`Phone` attributes; consents from the ledger), so an opt-out made in the
+    /// loyalty programme reaches the providers.
+    fn outbound(
+        &self,
+        tx: &mut dyn StoreTx,
+    ) -> Result<Option<crate::delivery::event::Outbound>, crate::store::StoreError> {
+        Ok(Some(crate::delivery::event::Outbound {
+            record: self.event.record_kind(),
             data: self.data.clone(),
-            contact: None,
-        })
+            contact: project::member_contact(tx, &self.event)?,
+        }))
     }
 }

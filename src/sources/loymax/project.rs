@@ -291,6 +291,51 @@ fn member_key(tx: &mut dyn StoreTx, named: &MemberRef) -> Result<String, ApplyEr
         .to_owned())
 }
 
+/// The contact view of the member an event is about, read from the stored member (after the
+/// event was applied, and followed to its survivor when merged): the email and phone its
+/// `Email`/`Phone` attributes gave, and the name and birth date attributes when Loymax sends
+/// them. `None` when the event names no member or the member has no address yet.
+pub fn member_contact(
+    tx: &mut dyn StoreTx,
+    event: &Event,
+) -> Result<Option<crate::delivery::event::ContactView>, StoreError> {
+    let Some(named) = event.member() else {
+        return Ok(None);
+    };
+    let key = match member_key(tx, named) {
+        Ok(key) => key,
+        Err(ApplyError::Store(e)) => return Err(e),
+        Err(ApplyError::Invalid(_)) => return Ok(None),
+    };
+    let (_, record) = resolve_merges(&key, |k| tx.get_record(MEMBER, k))?;
+    let Some(doc) = record.and_then(|r| serde_json::from_value::<MemberDoc>(r.doc).ok()) else {
+        return Ok(None);
+    };
+    let (email, phone) = (&doc.addresses.email, &doc.addresses.phone);
+    if email.is_none() && phone.is_none() {
+        return Ok(None);
+    }
+    let attribute = |codes: &[&str]| {
+        doc.attributes
+            .iter()
+            .find(|(code, _)| codes.iter().any(|c| code.eq_ignore_ascii_case(c)))
+            .and_then(|(_, entry)| entry.value.as_str())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_owned)
+    };
+    Ok(Some(crate::delivery::event::ContactView {
+        email: email.as_ref().map(|a| a.normalised.clone()),
+        phone: phone.as_ref().map(|a| a.as_sent.clone()),
+        phone_e164: phone.as_ref().map(|a| a.normalised.clone()),
+        first_name: attribute(&["FirstName", "Name"]),
+        last_name: attribute(&["LastName", "Surname"]),
+        birth_date: attribute(&["BirthDate", "BirthDay", "Birthday"])
+            .map(|d| d.chars().take(10).collect()),
+        ..Default::default()
+    }))
+}
+
 /// A card being changed by an event; its real changes become one history entry.
 struct Card {
     doc: Doc<CardDoc>,
