@@ -333,6 +333,10 @@ pub struct ErpSettings {
     pub subscription_queue: String,
     pub declare: bool,
     pub enabled: bool,
+    /// ERP properties that carry a consent, by name → channel (`email`, `sms`, `call`,
+    /// `whatsapp`, `push`, `viber`). Empty: the ERP says nothing of consent.
+    #[serde(default)]
+    pub consent_flags: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -719,6 +723,17 @@ impl Settings {
             return Err(invalid("http.body_limit_bytes", "must be at least 1"));
         }
         self.validate_listener()?;
+        for (name, channel) in &self.erp.consent_flags {
+            if crate::consent::Channel::parse(channel).is_none() {
+                return Err(invalid(
+                    "erp.consent_flags",
+                    format!(
+                        "{name:?} names the channel {channel:?}; channels are email, sms, call, \
+                         whatsapp, push, viber"
+                    ),
+                ));
+            }
+        }
         crate::consent::Normaliser::new(&self.consent.default_region)
             .map_err(|m| invalid("consent.default_region", m))?;
         let prefix = &self.akinon.path_prefix;
@@ -985,6 +1000,7 @@ fn parse_env_value(raw: &str) -> toml::Value {
     let literal = trimmed == "true"
         || trimmed == "false"
         || trimmed.starts_with('[')
+        || trimmed.starts_with('{')
         || trimmed.parse::<i64>().is_ok()
         || (trimmed.parse::<f64>().is_ok() && trimmed.contains('.'));
     if literal {

@@ -45,6 +45,14 @@ pub fn queue_specs(settings: &Settings) -> anyhow::Result<Vec<QueueSpec>> {
     if settings.erp.enabled {
         let phones = crate::consent::Normaliser::new(&settings.consent.default_region)
             .map_err(|e| anyhow::anyhow!("consent.default_region: {e}"))?;
+        let consent_flags: std::collections::BTreeMap<String, crate::consent::Channel> = settings
+            .erp
+            .consent_flags
+            .iter()
+            .filter_map(|(name, channel)| {
+                crate::consent::Channel::parse(channel).map(|c| (name.clone(), c))
+            })
+            .collect();
         for (queue, feed) in [
             (&settings.erp.customer_queue, Feed::Customer),
             (&settings.erp.subscription_queue, Feed::Subscription),
@@ -56,6 +64,7 @@ pub fn queue_specs(settings: &Settings) -> anyhow::Result<Vec<QueueSpec>> {
                 decoder: Arc::new(ErpDecoder {
                     feed,
                     phones: phones.clone(),
+                    consent_flags: consent_flags.clone(),
                 }),
             });
         }

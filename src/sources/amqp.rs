@@ -900,6 +900,7 @@ mod tests {
             decoder: Arc::new(crate::sources::erp::ErpDecoder {
                 feed: crate::sources::erp::Feed::Customer,
                 phones: crate::consent::Normaliser::new("TR").unwrap(),
+                consent_flags: Default::default(),
             }),
         };
         let chunk: Vec<Incoming> = (0..DECODE_CHUNK as u64)

@@ -6,8 +6,10 @@ use serde_json::{Map, Number, Value};
 use sha2::{Digest, Sha256};
 
 use super::amqp::{AmqpMessage, Decoder, Rejection};
+use std::collections::BTreeMap;
+
 use crate::{
-    consent::Normaliser,
+    consent::{record_consent, Channel, ConsentChange, ConsentState, Normaliser},
     delivery::event::{ContactView, Outbound},
     envelope::{Applied, ApplyContext, ApplyError, Change, Envelope},
     projection::{apply_snapshot_doc, SnapshotDoc},
@@ -43,6 +45,8 @@ pub struct ErpDecoder {
     /// Reads the customers' phone numbers (`consent.default_region`: the ERP sends Turkish
     /// mobiles as `5xxxxxxxxx`) for the contact view.
     pub phones: Normaliser,
+    /// `erp.consent_flags`: properties that carry a consent, by name.
+    pub consent_flags: BTreeMap<String, Channel>,
 }
 
 impl Decoder for ErpDecoder {
@@ -73,9 +77,12 @@ impl Decoder for ErpDecoder {
             Feed::Customer => Some(customer_contact(&doc, &self.phones)),
             Feed::Subscription => None,
         };
+        let consents = consent_flags(self.feed, &doc, &self.consent_flags);
         let change = ErpSnapshot {
             feed: self.feed,
             contact,
+            consents,
+            phones: self.phones.clone(),
             entity: entity.clone(),
             doc,
             prepared,
@@ -403,6 +410,10 @@ struct ErpSnapshot {
     feed: Feed,
     /// Customers: the person, from the snapshot (which is the stored state once applied).
     contact: Option<ContactView>,
+    /// What the snapshot's consent flags (`erp.consent_flags`) say, per channel.
+    consents: Vec<(Channel, bool)>,
+    /// Reads the engaged parties' phones (a subscription's flags apply to its customers).
+    phones: Normaliser,
     entity: String,
     doc: Value,
     prepared: SnapshotDoc,
@@ -412,28 +423,33 @@ struct ErpSnapshot {
 impl Change for ErpSnapshot {
     fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
         match self.feed {
-            Feed::Customer => Ok(apply_snapshot_doc(
-                tx,
-                CUSTOMER,
-                &self.entity,
-                &self.prepared,
-                ctx,
-            )?),
+            Feed::Customer => {
+                let applied = apply_snapshot_doc(tx, CUSTOMER, &self.entity, &self.prepared, ctx)?;
+                if applied == Applied::Stale {
+                    return Ok(applied);
+                }
+                let consent = match &self.contact {
+                    Some(contact) => self.record_consents(tx, contact, ctx)?,
+                    None => Applied::NoOp,
+                };
+                Ok(combine(applied, consent))
+            }
             Feed::Subscription => {
                 let applied =
                     apply_snapshot_doc(tx, SUBSCRIPTION, &self.entity, &self.prepared, ctx)?;
                 if applied == Applied::Changed {
-                    let parties: Vec<String> = self.doc["engaged_party"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|v| v.as_str().map(str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    tx.replace_links(SUBSCRIPTION_PARTY, &self.entity, &parties)?;
+                    tx.replace_links(SUBSCRIPTION_PARTY, &self.entity, &self.parties())?;
                 }
-                Ok(applied)
+                if applied == Applied::Stale || self.consents.is_empty() {
+                    return Ok(applied);
+                }
+                let mut outcome = applied;
+                for party in self.parties() {
+                    if let Some(contact) = self.party_contact(tx, &party)? {
+                        outcome = combine(outcome, self.record_consents(tx, &contact, ctx)?);
+                    }
+                }
+                Ok(outcome)
             }
         }
     }
@@ -452,16 +468,135 @@ impl Change for ErpSnapshot {
 
     /// The new snapshot as the event's data; customers also carry a contact view. Asked only
     /// when the snapshot was applied, so it is the stored state.
-    fn outbound(&self, _tx: &mut dyn StoreTx) -> Result<Option<Outbound>, StoreError> {
+    fn outbound(&self, tx: &mut dyn StoreTx) -> Result<Option<Outbound>, StoreError> {
         let record = match self.feed {
             Feed::Customer => "customer",
             Feed::Subscription => "subscription",
         };
+        // A subscription whose flags speak for consent is about its (first known) customer.
+        let contact = match self.feed {
+            Feed::Customer => self.contact.clone(),
+            Feed::Subscription if !self.consents.is_empty() => {
+                let mut found = None;
+                for party in self.parties() {
+                    found = self.party_contact(tx, &party)?;
+                    if found.is_some() {
+                        break;
+                    }
+                }
+                found
+            }
+            Feed::Subscription => None,
+        };
         Ok(Some(Outbound {
             record,
             data: self.doc.clone(),
-            contact: self.contact.clone(),
+            contact,
         }))
+    }
+}
+
+impl ErpSnapshot {
+    fn parties(&self) -> Vec<String> {
+        self.doc["engaged_party"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// The stored customer `id` as a contact (`None`: not seen yet).
+    fn party_contact(
+        &self,
+        tx: &mut dyn StoreTx,
+        id: &str,
+    ) -> Result<Option<ContactView>, StoreError> {
+        Ok(tx
+            .get_record(CUSTOMER, id)?
+            .map(|r| customer_contact(&r.doc, &self.phones)))
+    }
+
+    /// The flags' consents, in the ledger, for the contact's email (email channel) or phone
+    /// (the others), at the message's time.
+    fn record_consents(
+        &self,
+        tx: &mut dyn StoreTx,
+        contact: &ContactView,
+        ctx: &ApplyContext,
+    ) -> Result<Applied, StoreError> {
+        let mut outcome = Applied::NoOp;
+        for (channel, allowed) in &self.consents {
+            let raw = if *channel == Channel::Email {
+                contact.email.as_deref()
+            } else {
+                contact.phone.as_deref()
+            };
+            let Some(address) = raw.and_then(|r| self.phones.address(*channel, r).ok()) else {
+                continue;
+            };
+            let change = ConsentChange {
+                address: &address,
+                state: ConsentState::from_allowed(*allowed),
+                at: ctx.occurred_at.unwrap_or(ctx.received_at),
+                source: SOURCE,
+            };
+            outcome = combine(outcome, record_consent(tx, &change, ctx)?);
+        }
+        Ok(outcome)
+    }
+}
+
+/// `Changed` if either changed, else the first.
+fn combine(a: Applied, b: Applied) -> Applied {
+    if b == Applied::Changed {
+        Applied::Changed
+    } else {
+        a
+    }
+}
+
+/// What the configured consent flags say in a decoded snapshot: a customer's top-level
+/// properties (kept under `extra`) and its contact media's characteristics; a subscription's
+/// property bag. Values that are not yes or no are left out.
+fn consent_flags(
+    feed: Feed,
+    doc: &Value,
+    flags: &BTreeMap<String, Channel>,
+) -> Vec<(Channel, bool)> {
+    let mut out = Vec::new();
+    for (name, channel) in flags {
+        let value = match feed {
+            Feed::Customer => doc["extra"].get(name).cloned().or_else(|| {
+                doc["contact_medium"].as_array().and_then(|media| {
+                    media
+                        .iter()
+                        .find_map(|m| m["characteristic"].get(name).cloned())
+                })
+            }),
+            Feed::Subscription => doc["properties"].get(name).map(|p| {
+                if p["typed"].is_boolean() {
+                    p["typed"].clone()
+                } else {
+                    p["value"].clone()
+                }
+            }),
+        };
+        if let Some(allowed) = value.as_ref().and_then(flag_value) {
+            out.push((*channel, allowed));
+        }
+    }
+    out
+}
+
+fn flag_value(v: &Value) -> Option<bool> {
+    let text = scalar_text(v)?;
+    match text.trim().to_lowercase().as_str() {
+        "true" | "1" | "yes" | "y" | "evet" | "e" => Some(true),
+        "false" | "0" | "no" | "n" | "hayır" | "hayir" | "h" => Some(false),
+        _ => None,
     }
 }
 
@@ -587,6 +722,33 @@ mod tests {
         let c = customer_contact(&bare, &phones);
         assert_eq!((c.first_name.as_deref(), c.last_name), (Some("Cher"), None));
         assert_eq!(c.email, None);
+    }
+
+    #[test]
+    fn consent_flags_are_read_from_customer_properties_media_and_the_property_bag() {
+        let flags: BTreeMap<String, Channel> = [
+            ("emailPermission".to_owned(), Channel::Email),
+            ("SMS_PERMISSION".to_owned(), Channel::Sms),
+        ]
+        .into();
+        let (_, customer) =
+            decode_customer(obj(r#"{"id":"1","emailPermission":"Evet","contactMedium":[
+                {"characteristic":{"phoneNumber":"5351234567","SMS_PERMISSION":false}}]}"#))
+            .unwrap();
+        assert_eq!(
+            consent_flags(Feed::Customer, &customer, &flags),
+            [(Channel::Sms, false), (Channel::Email, true)]
+        );
+        let (_, subscription) = decode_subscription(obj(
+            r#"{"id":"9","characteristic":[{"name":"SMS_PERMISSION","valueType":"Boolean","value":"true"},
+                {"name":"emailPermission","valueType":"String","value":"maybe"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(
+            consent_flags(Feed::Subscription, &subscription, &flags),
+            [(Channel::Sms, true)],
+            "a value that is neither yes nor no says nothing"
+        );
     }
 
     #[test]

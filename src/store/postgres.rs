@@ -32,7 +32,8 @@ use super::{
     RecordHead, RecordRow, ReplayOutcome, ReplayRequest, Store, StoreError, StoreTx,
 };
 
-const MIGRATIONS: &[&str] = &[
+/// The embedded migrations, in order (public for the migration tests).
+pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_core.sql"),
     include_str!("../../migrations/postgres/0002_outbox.sql"),
     include_str!("../../migrations/postgres/0003_drop_inbox_entity_index.sql"),

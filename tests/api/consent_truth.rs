@@ -20,7 +20,7 @@ use subgate::{
 use crate::{
     akinon::{akinon_app, post, report, LINK_SECRET, ORDER_EXAMPLE, USER_EXAMPLE},
     delivery::{webhook, Provider},
-    helpers::{eventually, query, TestApp},
+    helpers::{eventually, query, spawn_app, TestApp},
     store_conformance::fresh_postgres_database,
 };
 
@@ -497,6 +497,73 @@ async fn a_dead_opt_in_replayed_after_an_opt_out_is_sent_with_the_ledgers_opt_ou
         emarsys.upserts()
     );
     app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn erp_customer_and_subscription_consent_flags_reach_the_ledger_and_emarsys() {
+    use amqprs::BasicProperties;
+    let emarsys = Emarsys::start().await;
+    let queues = crate::erp::ErpQueues::new();
+    let list = format!("[{}]", emarsys.destination(""));
+    let app = spawn_app(&queues.overrides(&[
+        ("delivery.poll_interval", "20ms"),
+        ("destinations", list.as_str()),
+        (
+            "erp.consent_flags",
+            r#"{ emailPermission = "email", SMS_PERMISSION = "sms" }"#,
+        ),
+    ]))
+    .await;
+    app.wait_ready().await;
+    let store = app.store();
+    let broker = crate::helpers::Broker::connect().await;
+    let at = |secs: u64| BasicProperties::default().with_timestamp(secs).finish();
+    let customer = json!({"id": "134719", "status": "Active", "name": "Ayşe Yılmaz",
+        "emailPermission": true,
+        "contactMedium": [{"characteristic": {"phoneNumber": "5351234567",
+                                              "emailAddress": "Ayse@Example.com"}}]});
+    broker
+        .publish_all(
+            &queues.customers,
+            vec![(customer.to_string().into_bytes(), at(1_717_200_000))],
+        )
+        .await;
+    eventually(20, "Emarsys hears the ERP opt-in", || async {
+        (emarsys.opt_in_field("ayse@example.com").as_deref() == Some("1")).then_some(())
+    })
+    .await;
+    // A later subscription of the customer says no more email and no SMS.
+    let subscription = json!({"id": "123462", "status": "Active",
+        "characteristic": [
+            {"name": "emailPermission", "valueType": "Boolean", "value": "false"},
+            {"name": "SMS_PERMISSION", "valueType": "String", "value": "Hayır"}],
+        "engagedParty": [{"id": "134719"}]});
+    broker
+        .publish_all(
+            &queues.subscriptions,
+            vec![(subscription.to_string().into_bytes(), at(1_717_300_000))],
+        )
+        .await;
+    eventually(20, "Emarsys hears the ERP opt-out", || async {
+        (emarsys.opt_in_field("ayse@example.com").as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        ledger(&store, "ayse@example.com").await.as_deref(),
+        Some("opted_out")
+    );
+    let sms = query(store.clone(), |s| {
+        s.get_record("consent", "sms:+905351234567")
+            .unwrap()
+            .unwrap()
+    })
+    .await;
+    assert_eq!(
+        (sms.doc["state"].as_str(), sms.doc["source"].as_str()),
+        (Some("opted_out"), Some("erp"))
+    );
+    app.stop().await.unwrap();
+    broker.delete_queues(&queues.all()).await;
 }
 
 #[tokio::test]

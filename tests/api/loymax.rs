@@ -48,14 +48,19 @@ struct Loymax {
 }
 
 async fn loymax_app() -> Loymax {
+    loymax_app_with(&[]).await
+}
+
+async fn loymax_app_with(extra: &[(&str, &str)]) -> Loymax {
     let queue = unique("lmx");
     let exchange = unique("lmx-ex");
-    let app = spawn_app(&[
+    let mut overrides = vec![
         ("loymax.enabled", "true"),
         ("loymax.queue", queue.as_str()),
         ("loymax.exchange", exchange.as_str()),
-    ])
-    .await;
+    ];
+    overrides.extend_from_slice(extra);
+    let app = spawn_app(&overrides).await;
     app.wait_ready().await;
     Loymax {
         app,
@@ -576,6 +581,54 @@ async fn mail_disabled_after_the_email_is_known_goes_to_the_ledger_at_once() {
     assert_eq!(
         m["member"]["state"]["subscriptions"]["Cashback"]["channels"]["mail"],
         "Disabled"
+    );
+    lmx.finish().await;
+}
+
+#[tokio::test]
+async fn a_loymax_opt_out_reaches_emarsys_as_opt_out() {
+    let emarsys = crate::consent_truth::Emarsys::start().await;
+    let list = format!("[{}]", emarsys.destination(""));
+    let mut lmx = loymax_app_with(&[
+        ("delivery.poll_interval", "20ms"),
+        ("destinations", list.as_str()),
+    ])
+    .await;
+    lmx.publish(ATTRIBUTE_KEY, &email("164", "Member@Example.ru"), props())
+        .await;
+    lmx.publish(SUBSCRIPTION_KEY, &mail("Enabled"), at_second(1_700_000_000))
+        .await;
+    lmx.barrier().await;
+    eventually(20, "Emarsys hears the opt-in", || async {
+        (emarsys.opt_in_field("member@example.ru").as_deref() == Some("1")).then_some(())
+    })
+    .await;
+    lmx.publish(
+        SUBSCRIPTION_KEY,
+        &mail("Disabled"),
+        at_second(1_700_000_100),
+    )
+    .await;
+    lmx.barrier().await;
+    eventually(20, "Emarsys hears the opt-out", || async {
+        (emarsys.opt_in_field("member@example.ru").as_deref() == Some("2")).then_some(())
+    })
+    .await;
+    assert_eq!(
+        consent_state(&lmx, "email:member@example.ru").as_deref(),
+        Some("opted_out")
+    );
+    let rows = lmx
+        .app
+        .store()
+        .list_deliveries(&subgate::store::DeliveryFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .unwrap();
+    assert!(
+        rows.iter().all(|r| r.entity.starts_with("loymax:member:")),
+        "{rows:?}"
     );
     lmx.finish().await;
 }

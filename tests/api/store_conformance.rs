@@ -133,6 +133,7 @@ on_both_backends!(
     retention_purges_old_finished_rows_with_their_attempts_and_unshared_payloads,
     a_batch_of_attempts_records_each_rows_outcome_and_skips_rows_leased_elsewhere,
     deliveries_are_listed_by_state_and_destination_in_id_order_and_paged,
+    rows_about_one_contact_go_out_one_at_a_time_and_coalescing_never_jumps_another_record,
 );
 
 fn inbox_dedupes_by_key_and_keeps_the_raw_bytes(backend: Backend) {
@@ -1957,3 +1958,190 @@ fn sqlite_a_commit_larger_than_the_wal_buffer_is_read_back_whole() {
         .unwrap();
     assert_eq!(ok, "ok");
 }
+
+/// Queue rows with contact keys in one transaction: (destination, entity, contact, coalesce).
+fn queue_contacts(store: &Arc<dyn Store>, rows: &[(&str, &str, Option<&str>, bool)]) -> Vec<i64> {
+    let mut ids = vec![];
+    store
+        .write(&mut |tx| {
+            ids.clear();
+            for (i, (destination, entity, contact, coalesce)) in rows.iter().enumerate() {
+                ids.push(tx.insert_outbox(&NewOutboxRow {
+                    destination,
+                    source: "akinon",
+                    kind: "user.changed",
+                    entity,
+                    contact_key: *contact,
+                    inbox_id: i as i64 + 1,
+                    payload: &format!("{{\"id\":\"evt_{i}\"}}"),
+                    coalesce: *coalesce,
+                    schedule: "0,1000",
+                    created_at: 1_000,
+                })?);
+            }
+            Ok(())
+        })
+        .unwrap();
+    ids
+}
+
+fn rows_about_one_contact_go_out_one_at_a_time_and_coalescing_never_jumps_another_record(
+    backend: Backend,
+) {
+    let (store, _) = fresh_store(backend);
+    let x = Some("email:x@example.com");
+    let queued = queue_contacts(
+        &store,
+        &[
+            ("em", "akinon:user:1", x, true),
+            ("em", "akinon:order:1", x, true),
+            ("em", "akinon:user:1", x, true),
+            ("em", "akinon:user:2", Some("email:y@example.com"), true),
+            ("em", "listener:service_order:9", None, false),
+        ],
+    );
+    let [u1, o1, u1_later, u2, so] = queued[..] else {
+        panic!("five ids: {queued:?}")
+    };
+    let coalescing = |now| ClaimRequest {
+        coalesce: true,
+        ..claim("em", "w1", now, 10)
+    };
+    // user:1's first row is its contact's head; its later row is not taken in its place, since
+    // order:1 (the same contact, committed in between) would then go out after a newer state.
+    let first = store.claim_deliveries(&coalescing(2_000)).unwrap();
+    assert_eq!(ids(&first), [u1, u2, so]);
+    assert_eq!(
+        store.delivery(u1_later).unwrap().unwrap().state,
+        DeliveryState::Pending
+    );
+    store
+        .record_attempts(
+            "em",
+            "w1",
+            &[
+                attempt(u1, 1, AttemptResult::Delivered),
+                attempt(u2, 1, AttemptResult::Delivered),
+                attempt(so, 1, AttemptResult::Delivered),
+            ],
+        )
+        .unwrap();
+    // Now the order row heads the contact; user:1's later row waits behind it.
+    let second = store.claim_deliveries(&coalescing(2_100)).unwrap();
+    assert_eq!(ids(&second), [o1]);
+    store
+        .record_attempts("em", "w1", &[attempt(o1, 1, AttemptResult::Delivered)])
+        .unwrap();
+    let third = store.claim_deliveries(&coalescing(2_200)).unwrap();
+    assert_eq!(ids(&third), [u1_later]);
+    let row = store.delivery(u1_later).unwrap().unwrap();
+    assert_eq!(row.contact_key.as_deref(), x);
+    assert_eq!(row.entity, "akinon:user:1");
+}
+
+/// The migration that names records and contacts rewrites the keys of rows still to be sent
+/// (pending and dead) and leaves delivered history alone.
+fn outbox_rows_written_before_the_record_keys_get_record_and_contact_keys(backend: Backend) {
+    let payload = r#"{"id":"evt_1","contact":{"email":" User@Example.com "}}"#;
+    let rows = [
+        ("erp", "customer.changed", "erp:134719", "pending"),
+        ("akinon", "user.changed", "akinon:1", "pending"),
+        ("akinon", "order.changed", "akinon:1", "dead"),
+        (
+            "admin",
+            "consent.opted_out",
+            "admin:email:a@b.co",
+            "pending",
+        ),
+        ("akinon", "user.changed", "akinon:2", "delivered"),
+    ];
+    let store = match backend {
+        Backend::Sqlite => {
+            let path = temp_dir("outbox-keys").join("s.db");
+            let conn = rusqlite::Connection::open(&path).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);",
+            )
+            .unwrap();
+            for (version, sql) in subgate::store::sqlite::MIGRATIONS[..5].iter().enumerate() {
+                conn.execute_batch(sql).unwrap();
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+                    [version as i64 + 1],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO outbox_payloads (id, payload) VALUES (1, ?1)",
+                [payload],
+            )
+            .unwrap();
+            for (source, kind, entity, state) in rows {
+                conn.execute(
+                    "INSERT INTO outbox (destination, source, kind, entity, inbox_id, payload_id,
+                                         schedule, created_at, next_attempt_at, state)
+                     VALUES ('em', ?1, ?2, ?3, 1, 1, '0', 0, 0, ?4)",
+                    rusqlite::params![source, kind, entity, state],
+                )
+                .unwrap();
+            }
+            drop(conn);
+            open(&format!("sqlite://{}", path.display()))
+        }
+        Backend::Postgres => {
+            let url = fresh_postgres_database();
+            let mut conn = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+            conn.batch_execute(
+                "CREATE TABLE schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL);",
+            )
+            .unwrap();
+            for (version, sql) in subgate::store::postgres::MIGRATIONS[..4].iter().enumerate() {
+                conn.batch_execute(sql).unwrap();
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, 0)",
+                    &[&(version as i64 + 1)],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                "INSERT INTO outbox_payloads (id, payload) VALUES (1, $1)",
+                &[&payload],
+            )
+            .unwrap();
+            for (source, kind, entity, state) in rows {
+                conn.execute(
+                    "INSERT INTO outbox (destination, source, kind, entity, inbox_id, payload_id,
+                                         schedule, created_at, next_attempt_at, state)
+                     VALUES ('em', $1, $2, $3, 1, 1, '0', 0, 0, $4)",
+                    &[&source, &kind, &entity, &state],
+                )
+                .unwrap();
+            }
+            drop(conn);
+            open(&url)
+        }
+    };
+    let listed = store
+        .list_deliveries(&subgate::store::DeliveryFilter {
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    let keys: Vec<(&str, Option<&str>)> = listed
+        .iter()
+        .map(|r| (r.entity.as_str(), r.contact_key.as_deref()))
+        .collect();
+    let contact = Some("email:user@example.com");
+    assert_eq!(
+        keys,
+        [
+            ("erp:customer:134719", contact),
+            ("akinon:user:1", contact),
+            ("akinon:order:1", contact),
+            ("admin:consent:email:a@b.co", contact),
+            ("akinon:2", None),
+        ]
+    );
+}
+
+on_both_backends!(outbox_rows_written_before_the_record_keys_get_record_and_contact_keys);
