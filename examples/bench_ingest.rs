@@ -68,6 +68,7 @@ async fn round(args: &Args, run: u64) -> anyhow::Result<(f64, f64, f64)> {
         queue_capacity: 4096,
         max_message_bytes: 1 << 20,
         store_retry_ms: 100,
+        store_retry_max_ms: 1000,
     };
     let (ingest, writer) = ingest::start(store, &settings, tokio::runtime::Handle::current());
     // The writer thread exists once `start` returns; let it name itself.

@@ -358,6 +358,8 @@ pub struct IngestSettings {
     pub queue_capacity: usize,
     pub max_message_bytes: usize,
     pub store_retry_ms: u64,
+    /// The longest pause between two attempts while the store cannot write.
+    pub store_retry_max_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -6,6 +6,12 @@
 //! → one outbox row per destination whose filter matches a real change.
 //! Each caller learns its event's outcome only after that transaction has committed, which is
 //! when an AMQP delivery may be acked or an HTTP call answered.
+//!
+//! A transient store failure (disk full, I/O error, locked, PostgreSQL unreachable, a lost race
+//! retried too often) costs only time: the writer marks the store not ready with the reason,
+//! answers HTTP callers at once (503), keeps the AMQP events ([`Ingest::enqueue_held`]) and
+//! writes them again with backoff until the store takes them. Their deliveries stay unacked
+//! meanwhile, so prefetch stops the broker and no redelivery counts against a delivery limit.
 
 use std::{
     collections::HashMap,
@@ -21,8 +27,12 @@ use crate::{
     config::IngestSettings,
     delivery::routes::OutboxRoutes,
     envelope::{Applied, ApplyContext, ApplyError, Envelope},
+    health::Health,
     store::{InboxEntry, InboxInsert, Store, StoreError, StoreTx},
 };
+
+/// What HTTP sources put in `Retry-After` when the store cannot write (seconds).
+pub const RETRY_AFTER_SECS: u32 = 5;
 
 /// What happened to one event, known after commit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +92,8 @@ struct Job {
     meta_json: String,
     /// When the event was queued (`subgate_ingest_wait_seconds`).
     queued: Instant,
+    /// Through a store outage: kept and written again (AMQP) rather than answered at once.
+    hold: bool,
     reply: oneshot::Sender<Result<IngestOutcome, IngestError>>,
 }
 
@@ -95,7 +107,19 @@ pub struct Ingest {
 impl Ingest {
     /// Queue an event (waits while the queue is full: back-pressure). The returned receiver
     /// resolves after the event's batch has committed or failed.
+    /// While the store cannot write, it resolves at once with [`IngestError::Unavailable`].
     pub async fn enqueue(&self, envelope: Envelope) -> Result<Reply, IngestError> {
+        self.queue(envelope, false).await
+    }
+
+    /// Queue an event whose caller can wait (an AMQP delivery, held unacked): through a store
+    /// outage it is kept and written again with backoff, so the receiver resolves only once
+    /// the event is committed or rejected, or the pipeline shuts down ([`IngestError::Closed`]).
+    pub async fn enqueue_held(&self, envelope: Envelope) -> Result<Reply, IngestError> {
+        self.queue(envelope, true).await
+    }
+
+    async fn queue(&self, envelope: Envelope, hold: bool) -> Result<Reply, IngestError> {
         let (reply, rx) = oneshot::channel();
         let meta_json = serde_json::to_string(&envelope.meta).unwrap_or_else(|_| "{}".into());
         self.jobs
@@ -103,6 +127,7 @@ impl Ingest {
                 envelope,
                 meta_json,
                 queued: Instant::now(),
+                hold,
                 reply,
             })
             .await
@@ -137,24 +162,118 @@ pub fn start(
     settings: &IngestSettings,
     runtime: tokio::runtime::Handle,
 ) -> (Ingest, IngestWriter) {
-    start_with_routes(store, settings, Arc::new(OutboxRoutes::default()), runtime)
+    start_with_routes(
+        store,
+        settings,
+        Arc::new(OutboxRoutes::default()),
+        Health::default(),
+        runtime,
+    )
 }
 
-/// Start the writer thread; real changes get outbox rows for the matching `routes`.
+/// Start the writer thread; real changes get outbox rows for the matching `routes`. The
+/// writer reports whether the store takes writes as the `health` component `store`.
 pub fn start_with_routes(
     store: Arc<dyn Store>,
     settings: &IngestSettings,
     routes: Arc<OutboxRoutes>,
+    health: Health,
     runtime: tokio::runtime::Handle,
 ) -> (Ingest, IngestWriter) {
     let (jobs, rx) = mpsc::channel(settings.queue_capacity);
     let batch_max = settings.batch_max;
     let batch_wait = Duration::from_millis(settings.batch_wait_ms);
+    let outage = Outage::new(
+        health,
+        Duration::from_millis(settings.store_retry_ms.max(1)),
+        Duration::from_millis(settings.store_retry_max_ms.max(settings.store_retry_ms)),
+    );
     let thread = std::thread::Builder::new()
         .name("subgate-ingest".into())
-        .spawn(move || run_writer(store, routes, rx, batch_max, batch_wait, runtime))
+        .spawn(move || run_writer(store, routes, rx, batch_max, batch_wait, outage, runtime))
         .unwrap_or_else(|e| panic!("cannot spawn the ingest writer thread: {e}"));
     (Ingest { jobs }, IngestWriter { thread })
+}
+
+/// The writer's view of whether the store takes writes, published to readiness and metrics.
+struct Outage {
+    health: Health,
+    /// When the current outage began; `None`: the store writes.
+    since: Option<Instant>,
+    /// The pause before the next attempt: doubles from `initial` up to `max`.
+    delay: Duration,
+    initial: Duration,
+    max: Duration,
+    /// `disk full: …`, for the answers given meanwhile.
+    reason: String,
+}
+
+impl Outage {
+    fn new(health: Health, initial: Duration, max: Duration) -> Self {
+        health.set("store", true, "writing");
+        metrics::gauge!("subgate_store_writable").set(1.0);
+        Self {
+            health,
+            since: None,
+            delay: initial,
+            initial,
+            max,
+            reason: String::new(),
+        }
+    }
+
+    fn failed(&mut self, e: &StoreError) {
+        let reason = outage_reason(e);
+        metrics::counter!("subgate_commit_failures_total", "reason" => reason).increment(1);
+        if self.since.is_none() {
+            tracing::warn!(error = %e, reason, "the store cannot write: holding AMQP deliveries, answering HTTP with 503, retrying with backoff");
+            self.since = Some(Instant::now());
+            self.delay = self.initial;
+            metrics::gauge!("subgate_store_writable").set(0.0);
+        } else {
+            self.delay = (self.delay * 2).min(self.max);
+        }
+        self.reason = format!("{reason}: {}", e.message());
+        self.health.set("store", false, self.reason.clone());
+    }
+
+    fn recovered(&mut self) {
+        if let Some(since) = self.since.take() {
+            tracing::info!(after_ms = since.elapsed().as_millis() as u64, "the store writes again");
+            metrics::gauge!("subgate_store_writable").set(1.0);
+            self.health.set("store", true, "writing");
+        }
+    }
+
+    /// The next pause, spread by ±20 % so instances do not retry in step.
+    fn pause(&self) -> Duration {
+        self.delay.mul_f64(0.8 + fastrand::f64() * 0.4)
+    }
+}
+
+/// A short name for why the store cannot write: the readiness reason and the metric label.
+pub fn outage_reason(e: &StoreError) -> &'static str {
+    let text = e.to_string().to_ascii_lowercase();
+    let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+    if matches!(e, StoreError::Conflict(_)) {
+        "conflict"
+    } else if has(&["disk is full", "disk full", "no space left", "53100"]) {
+        "disk full"
+    } else if has(&["connection refused"]) {
+        "connection refused"
+    } else if has(&["locked", "busy"]) {
+        "database locked"
+    } else if has(&["readonly", "read-only", "read only", "25006"]) {
+        "read-only"
+    } else if has(&["i/o error", "ioerr"]) {
+        "I/O error"
+    } else if has(&["57p01", "57p02", "57p03", "shutting down", "starting up", "recovery"]) {
+        "server restarting"
+    } else if has(&["connection", "closed", "broken pipe", "reset", "timed out", "08"]) {
+        "connection lost"
+    } else {
+        "unavailable"
+    }
 }
 
 fn run_writer(
@@ -163,6 +282,7 @@ fn run_writer(
     mut rx: mpsc::Receiver<Job>,
     batch_max: usize,
     batch_wait: Duration,
+    mut outage: Outage,
     runtime: tokio::runtime::Handle,
 ) {
     let mut batch: Vec<Job> = Vec::with_capacity(batch_max);
@@ -186,14 +306,103 @@ fn run_writer(
                 }
             }
         }
-        let spent = commit_batch(store.as_ref(), &routes, &mut batch);
-        // Freeing a batch's envelopes (their decoded documents) is about a tenth of the
-        // writer's time: a runtime worker does it, beside the next batch.
-        if !spent.is_empty() {
-            runtime.spawn(async move { drop(spent) });
+        match write_batch(store.as_ref(), &routes, &mut batch) {
+            Ok(spent) => {
+                outage.recovered();
+                // Freeing a batch's envelopes (their decoded documents) is about a tenth of the
+                // writer's time: a runtime worker does it, beside the next batch.
+                if !spent.is_empty() {
+                    runtime.spawn(async move { drop(spent) });
+                }
+            }
+            Err(e) => {
+                outage.failed(&e);
+                let held = answer_unheld(&mut batch, &outage.reason);
+                if !ride_out(store.as_ref(), &routes, &mut rx, held, batch_max, &mut outage, &runtime) {
+                    break;
+                }
+            }
         }
     }
     tracing::debug!("ingest writer stopped");
+}
+
+/// Answer the jobs that cannot wait (HTTP) with 503 now; returns the ones held through outages.
+fn answer_unheld(batch: &mut Vec<Job>, reason: &str) -> Vec<Job> {
+    let mut held = Vec::with_capacity(batch.len());
+    for job in batch.drain(..) {
+        if job.hold {
+            held.push(job);
+        } else {
+            let _ = job.reply.send(Err(IngestError::Unavailable(reason.to_owned())));
+        }
+    }
+    held
+}
+
+/// Wait out a store outage: pause with backoff (answering new HTTP events with 503 at once and
+/// keeping new held ones, in order), then write the held events again, until the store takes
+/// them all. Without held events, an empty write probes the store. Returns `false` when every
+/// handle is gone (shutdown): what is still held is answered [`IngestError::Closed`], its
+/// deliveries stay unacked and the broker delivers them again.
+fn ride_out(
+    store: &dyn Store,
+    routes: &OutboxRoutes,
+    rx: &mut mpsc::Receiver<Job>,
+    mut held: Vec<Job>,
+    batch_max: usize,
+    outage: &mut Outage,
+    runtime: &tokio::runtime::Handle,
+) -> bool {
+    let mut open = true;
+    while outage.since.is_some() {
+        let deadline = Instant::now() + outage.pause();
+        while open {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match runtime.block_on(async { tokio::time::timeout(left, rx.recv()).await }) {
+                Ok(Some(job)) if job.hold => held.push(job),
+                Ok(Some(job)) => {
+                    let _ = job
+                        .reply
+                        .send(Err(IngestError::Unavailable(outage.reason.clone())));
+                }
+                Ok(None) => open = false,
+                Err(_) => break,
+            }
+        }
+        if held.is_empty() {
+            match store.write(&mut |_| Ok(())) {
+                Ok(()) => outage.recovered(),
+                Err(e) => outage.failed(&e),
+            }
+        }
+        while !held.is_empty() {
+            let take = held.len().min(batch_max.max(1));
+            let mut batch: Vec<Job> = held.drain(..take).collect();
+            match write_batch(store, routes, &mut batch) {
+                Ok(spent) => {
+                    outage.recovered();
+                    runtime.spawn(async move { drop(spent) });
+                }
+                Err(e) => {
+                    outage.failed(&e);
+                    batch.append(&mut held);
+                    held = batch;
+                    break;
+                }
+            }
+        }
+        if !open && outage.since.is_some() {
+            for job in held.drain(..) {
+                let _ = job.reply.send(Err(IngestError::Closed));
+            }
+            return false;
+        }
+    }
+    open
 }
 
 /// How often a batch that lost a race with another instance is written again.
@@ -203,7 +412,54 @@ const CONFLICT_RETRIES: u64 = 5;
 type EventResult = Result<IngestOutcome, String>;
 
 /// Write one batch and answer its jobs; returns the committed envelopes, for the caller to free.
-fn commit_batch(store: &dyn Store, routes: &OutboxRoutes, batch: &mut Vec<Job>) -> Vec<Envelope> {
+/// A batch that fails for a reason that is not transient is written again event by event, and an
+/// event that fails alone is rejected (its source dead-letters it). Only a transient failure comes
+/// back as `Err`: then the jobs not yet answered stay in `batch`, in order.
+fn write_batch(
+    store: &dyn Store,
+    routes: &OutboxRoutes,
+    batch: &mut Vec<Job>,
+) -> Result<Vec<Envelope>, StoreError> {
+    match commit_batch(store, routes, batch) {
+        Err(e) if !e.is_transient() => {
+            let mut spent = Vec::new();
+            let mut rest: std::collections::VecDeque<Job> = batch.drain(..).collect();
+            while let Some(job) = rest.pop_front() {
+                let mut one = vec![job];
+                match commit_batch(store, routes, &mut one) {
+                    Ok(done) => spent.extend(done),
+                    Err(e) if e.is_transient() => {
+                        batch.append(&mut one);
+                        batch.extend(rest);
+                        return Err(e);
+                    }
+                    Err(e) => {
+                        for job in one {
+                            let Job {
+                                mut envelope,
+                                reply,
+                                ..
+                            } = job;
+                            let raw = std::mem::take(&mut envelope.raw);
+                            let _ = reply.send(Err(IngestError::Rejected {
+                                reason: format!("cannot be stored: {e}"),
+                                raw,
+                            }));
+                        }
+                    }
+                }
+            }
+            Ok(spent)
+        }
+        other => other,
+    }
+}
+
+fn commit_batch(
+    store: &dyn Store,
+    routes: &OutboxRoutes,
+    batch: &mut Vec<Job>,
+) -> Result<Vec<Envelope>, StoreError> {
     let started = Instant::now();
     let wait = metrics::histogram!("subgate_ingest_wait_seconds");
     for job in batch.iter() {
@@ -257,7 +513,9 @@ fn commit_batch(store: &dyn Store, routes: &OutboxRoutes, batch: &mut Vec<Job>) 
                 }
             })
         }))
-        .unwrap_or_else(|_| Err(StoreError::Unavailable("ingest writer panicked".into())));
+        // A panic is a bug, not an outage: the batch is split until the event that causes it is
+        // rejected alone (dead-lettered), so it cannot hold its queue.
+        .unwrap_or_else(|_| Err(StoreError::Failed("ingest writer panicked".into())));
         if event_failed && isolation == Isolation::Optimistic {
             isolation = Isolation::Isolated;
             continue;
@@ -308,15 +566,11 @@ fn commit_batch(store: &dyn Store, routes: &OutboxRoutes, batch: &mut Vec<Job>) 
                 metrics::counter!("subgate_committed_total", "source" => source, "status" => status)
                     .increment(n);
             }
-            spent
+            Ok(spent)
         }
         Err(e) => {
-            tracing::warn!(error = %e, events = batch.len(), "ingest batch not committed");
-            metrics::counter!("subgate_commit_failures_total").increment(1);
-            for job in batch.drain(..) {
-                let _ = job.reply.send(Err(IngestError::Unavailable(e.to_string())));
-            }
-            Vec::new()
+            tracing::debug!(error = %e, events = batch.len(), "ingest batch not committed");
+            Err(e)
         }
     }
 }
@@ -548,6 +802,7 @@ mod tests {
             queue_capacity: 16,
             max_message_bytes: 1024,
             store_retry_ms: 10,
+            store_retry_max_ms: 100,
         };
         let (ingest, writer) = start(store.clone(), &settings, tokio::runtime::Handle::current());
         let replies = vec![

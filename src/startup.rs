@@ -130,13 +130,14 @@ impl Application {
         // The recorder first: workers register their metric handles when they are built.
         let metrics = telemetry::metrics_handle();
         let delivery = delivery::workers(&settings, &store)?;
+        let health = Health::default();
         let (ingest, writer) = ingest::start_with_routes(
             store.clone(),
             &settings.ingest,
             Arc::new(OutboxRoutes::from_settings(&settings)),
+            health.clone(),
             tokio::runtime::Handle::current(),
         );
-        let health = Health::default();
         let queues = queue_specs(&settings)?;
         for q in &queues {
             health.set(&q.component(), false, "connecting");

@@ -160,10 +160,19 @@ impl IntoResponse for AkinonError {
             other => vec![json!({ "code": code, "field": field, "message": other.to_string() })],
         };
         let mut response = (status, Json(json!({ "errors": errors }))).into_response();
-        if let AkinonError::RateLimited(secs) = self {
-            response
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        match self {
+            AkinonError::RateLimited(secs) => {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            AkinonError::Unavailable(_) => {
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(crate::ingest::RETRY_AFTER_SECS),
+                );
+            }
+            _ => {}
         }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(

@@ -52,6 +52,13 @@ impl IntoResponse for ApiError {
             }
         };
         let body = json!({ "error": { "code": code, "message": self.to_string() } });
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(crate::ingest::RETRY_AFTER_SECS),
+            );
+        }
+        response
     }
 }

@@ -277,6 +277,12 @@ impl IntoResponse for ListenerError {
             ListenerError::TooManyRequests { retry_after } => {
                 headers.insert(RETRY_AFTER, HeaderValue::from(retry_secs(retry_after)));
             }
+            ListenerError::Unavailable(_) => {
+                headers.insert(
+                    RETRY_AFTER,
+                    HeaderValue::from(crate::ingest::RETRY_AFTER_SECS),
+                );
+            }
             _ => {}
         }
         response

@@ -29,12 +29,17 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let store_ok = tokio::task::spawn_blocking(move || store.ping())
         .await
         .map_err(|e| e.to_string())
-        .and_then(|r| r.map_err(|e| e.to_string()));
+        .and_then(|r| {
+            r.map_err(|e| format!("{}: {}", crate::ingest::outage_reason(&e), e.message()))
+        });
+    let components = state.health.snapshot();
     let mut reasons = Vec::new();
-    if let Err(e) = &store_ok {
+    // The writer's own finding (the `store` component) says more than a read can: a full disk
+    // still reads. A failed read is reported only when the writer has not said why.
+    let writer_down = components.get("store").is_some_and(|c| !c.ready);
+    if let (Err(e), false) = (&store_ok, writer_down) {
         reasons.push(format!("store: {e}"));
     }
-    let components = state.health.snapshot();
     for (name, c) in &components {
         if !c.ready {
             reasons.push(format!("{name}: {}", c.detail));
@@ -47,7 +52,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "reasons": reasons,
-        "store": store_ok.is_ok(),
+        "store": store_ok.is_ok() && !writer_down,
         "components": components,
     });
     let status = if ready {

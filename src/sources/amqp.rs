@@ -11,8 +11,10 @@
 //!   acker would otherwise wait (so acks coalesce under load and go out at once when idle);
 //! - undecodable or rejected by the pipeline → published to the dead-letter exchange with the
 //!   reason in `x-subgate-error` (a transactional publish), then acked;
-//! - store unavailable → nacked with requeue after `ingest.store_retry_ms` (never a tight loop;
-//!   quorum queues' `x-delivery-limit` bounds the redeliveries).
+//! - store cannot write → nothing: the ingest writer holds the event and writes it again with
+//!   backoff, the delivery stays unacked, prefetch stops the broker sending more, and no
+//!   redelivery counts against quorum queues' `x-delivery-limit`;
+//! - shutdown → what is not committed stays unacked; the broker delivers it again.
 
 use std::{
     sync::Arc,
@@ -571,10 +573,9 @@ impl Pump {
             dead_letter_exchange: self.settings.amqp.dead_letter_exchange.clone(),
             store_retry: Duration::from_millis(self.settings.ingest.store_retry_ms),
             pending_ack: None,
-            last_retry_pause: None,
             settle: metrics::histogram!("subgate_amqp_settle_seconds", "queue" => self.spec.queue.clone()),
         };
-        let acker = tokio::spawn(acker.run(acker_rx));
+        let acker = tokio::spawn(acker.run(acker_rx, stop.clone()));
         let max_bytes = self.settings.ingest.max_message_bytes;
         let queue = self.spec.queue.as_str();
         let received = metrics::counter!("subgate_received_total", "queue" => queue.to_owned());
@@ -612,7 +613,7 @@ impl Pump {
                     ..
                 } = incoming;
                 let disposition = match decoded {
-                    Ok(envelope) => match self.ingest.enqueue(envelope).await {
+                    Ok(envelope) => match self.ingest.enqueue_held(envelope).await {
                         Ok(reply) => Disposition::Commit {
                             reply,
                             routing_key,
@@ -649,6 +650,9 @@ impl Pump {
         result.and(acked)
     }
 }
+
+/// How long commits in flight may take to finish after a stop before they are left unacked.
+const STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// Deliveries already waiting are decoded together, up to this many.
 const DECODE_CHUNK: usize = 64;
@@ -747,8 +751,6 @@ struct Acker {
     store_retry: Duration,
     /// Highest delivery tag resolved (committed or dead-lettered) and not yet acked.
     pending_ack: Option<u64>,
-    /// When the last pause before a requeue ended: one pause per outage, not per message.
-    last_retry_pause: Option<std::time::Instant>,
     /// Delivery received → its commit's outcome known (`subgate_amqp_settle_seconds`).
     settle: metrics::Histogram,
 }
@@ -757,7 +759,15 @@ impl Acker {
     async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<(u64, Disposition)>,
+        stop: CancellationToken,
     ) -> Result<(), String> {
+        // After a stop, commits in flight get this long to finish (so they are acked); a commit
+        // held by a store outage is then left unacked, for the broker to deliver again.
+        let abandon = async {
+            stop.cancelled().await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
+        tokio::pin!(abandon);
         loop {
             let next = match rx.try_recv() {
                 Ok(item) => Some(item),
@@ -781,7 +791,10 @@ impl Acker {
                         Ok(result) => result,
                         Err(tokio::sync::oneshot::error::TryRecvError::Empty) => {
                             self.flush().await?;
-                            reply.await.unwrap_or(Err(IngestError::Closed))
+                            tokio::select! {
+                                r = reply => r.unwrap_or(Err(IngestError::Closed)),
+                                _ = &mut abandon => Err(IngestError::Closed),
+                            }
                         }
                         Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
                             Err(IngestError::Closed)
@@ -795,7 +808,10 @@ impl Acker {
                             self.dead_letter(tag, &rejection, raw, &routing_key, properties)
                                 .await?;
                         }
-                        Err(e @ (IngestError::Unavailable(_) | IngestError::Closed)) => {
+                        // Shutting down: this and every later delivery stay unacked.
+                        Err(IngestError::Closed) => break,
+                        // Not from a held event; kept so nothing is ever left unresolved.
+                        Err(e @ IngestError::Unavailable(_)) => {
                             self.requeue(tag, &e.to_string()).await?;
                         }
                     }
@@ -826,14 +842,8 @@ impl Acker {
 
     async fn requeue(&mut self, tag: u64, reason: &str) -> Result<(), String> {
         self.flush().await?;
-        let recently = self
-            .last_retry_pause
-            .is_some_and(|t| t.elapsed() < self.store_retry);
-        if !recently {
-            tracing::warn!(queue = %self.queue, %reason, "commit failed; requeueing after a pause");
-            tokio::time::sleep(self.store_retry).await;
-            self.last_retry_pause = Some(std::time::Instant::now());
-        }
+        tracing::warn!(queue = %self.queue, %reason, "commit failed; requeueing after a pause");
+        tokio::time::sleep(self.store_retry).await;
         metrics::counter!("subgate_requeued_total", "queue" => self.queue.clone()).increment(1);
         self.channel
             .basic_nack(BasicNackArguments::new(tag, false, true))

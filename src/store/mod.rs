@@ -38,6 +38,13 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// What went wrong, without the kind's prefix.
+    pub fn message(&self) -> &str {
+        match self {
+            StoreError::Unavailable(m) | StoreError::Conflict(m) | StoreError::Failed(m) => m,
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::Conflict(_))
     }

@@ -49,7 +49,7 @@ impl From<postgres::Error> for StoreError {
         // `Display` of a server error is only "db error"; the message says what went wrong.
         let text = match e.as_db_error() {
             Some(db) => format!("{}: {}", db.code().code(), db.message()),
-            None => e.to_string(),
+            None => with_causes(&e),
         };
         match e.code() {
             Some(code)
@@ -72,6 +72,21 @@ impl From<postgres::Error> for StoreError {
     }
 }
 
+/// An error with its causes: the `postgres` crate's `Display` says only "error connecting to
+/// server", the cause says "Connection refused".
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let next = c.to_string();
+        if !text.contains(&next) {
+            text = format!("{text}: {next}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
 /// A connection with its prepared statements (the `postgres` crate does not cache them).
 struct Conn {
     client: Client,
@@ -82,8 +97,9 @@ impl Conn {
     fn open(url: &str) -> Result<Self, StoreError> {
         let client = Client::connect(url, NoTls).map_err(|e| {
             StoreError::Unavailable(format!(
-                "cannot connect to PostgreSQL at {}: {e}",
-                crate::config::redact_url(url)
+                "cannot connect to PostgreSQL at {}: {}",
+                crate::config::redact_url(url),
+                with_causes(&e)
             ))
         })?;
         Ok(Conn {

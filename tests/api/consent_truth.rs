@@ -747,6 +747,7 @@ mod property {
             store.clone(),
             &settings.ingest,
             routes,
+            subgate::health::Health::default(),
             tokio::runtime::Handle::current(),
         );
         let mut worker = Worker::new(&settings, &settings.destinations[0], store.clone()).unwrap();

@@ -78,54 +78,60 @@ async fn assert_exactly_once(store: std::sync::Arc<dyn Store>, prefix: &str) {
 }
 
 #[tokio::test]
-async fn broker_closing_the_connection_mid_stream_loses_and_duplicates_nothing() {
+async fn broker_closing_the_connection_five_times_mid_stream_loses_and_duplicates_nothing() {
     let queues = ErpQueues::new();
     let name = unique("conn");
     // The stream is held to at most 500 messages a second: 20 unacknowledged messages at a time
     // (the prefetch) and at least one 40 ms batch wait per commit, so 10,000 messages take 20 s
-    // or more. The close (one `rabbitmqctl` call, a second or two, more on a loaded machine)
-    // then lands mid-stream with a wide margin.
+    // or more, and the five closes (one `rabbitmqctl` call each, a second or two, more on a
+    // loaded machine) land mid-stream with a wide margin.
     let app = spawn_app(&queues.overrides(&[
         ("amqp.connection_name", name.as_str()),
         ("amqp.prefetch", "20"),
         ("ingest.batch_wait_ms", "40"),
+        ("amqp.reconnect_initial_ms", "50"),
+        ("amqp.reconnect_max_ms", "500"),
     ]))
     .await;
     app.wait_ready().await;
-    // The connection's broker pid is looked up before the stream starts, so only the close
-    // itself runs while messages flow.
-    let lookup = name.clone();
-    let pids = eventually(30, "the gateway's broker connection listed", || {
-        let lookup = lookup.clone();
-        async move {
-            let pids = tokio::task::spawn_blocking(move || broker_connection_pids(&lookup))
-                .await
-                .ok()?;
-            (!pids.is_empty()).then_some(pids)
-        }
-    })
-    .await;
-    assert_eq!(pids.len(), 1, "one connection named {name}");
     let broker = Broker::connect().await;
-    broker
-        .publish_all(&queues.customers, stream("c", false))
-        .await;
-
     let store = app.store();
-    eventually(60, "a part of the stream committed", || async {
-        (erp_events(store.clone()).await.0 > 200).then_some(())
-    })
-    .await;
-    let pid = pids[0].clone();
-    let closed = tokio::task::spawn_blocking(move || close_broker_connection(&pid))
-        .await
-        .unwrap();
-    assert!(closed, "the broker closed the connection");
-    let (events_at_close, _) = erp_events(store.clone()).await;
-    assert!(
-        events_at_close < MESSAGES as i64,
-        "the close happened mid-stream"
-    );
+    let mut published = false;
+    for round in 1..=5i64 {
+        // The connection's broker pid is looked up before (the first round) or between closes,
+        // so only the close itself runs while messages flow.
+        let lookup = name.clone();
+        let pids = eventually(30, "the gateway's broker connection listed", || {
+            let lookup = lookup.clone();
+            async move {
+                let pids = tokio::task::spawn_blocking(move || broker_connection_pids(&lookup))
+                    .await
+                    .ok()?;
+                (pids.len() == 1).then_some(pids)
+            }
+        })
+        .await;
+        if !published {
+            broker
+                .publish_all(&queues.customers, stream("c", false))
+                .await;
+            published = true;
+        }
+        eventually(60, "progress before the next close", || async {
+            (erp_events(store.clone()).await.0 > round * 1_000).then_some(())
+        })
+        .await;
+        let pid = pids[0].clone();
+        let closed = tokio::task::spawn_blocking(move || close_broker_connection(&pid))
+            .await
+            .unwrap();
+        assert!(closed, "the broker closed the connection (round {round})");
+        let (events_at_close, _) = erp_events(store.clone()).await;
+        assert!(
+            events_at_close < MESSAGES as i64,
+            "close {round} happened mid-stream"
+        );
+    }
 
     eventually(120, "the whole stream", || async {
         (erp_events(store.clone()).await.0 >= MESSAGES as i64
@@ -136,6 +142,13 @@ async fn broker_closing_the_connection_mid_stream_loses_and_duplicates_nothing()
     app.stop().await.unwrap();
     assert_exactly_once(store, "c").await;
     assert_eq!(broker.message_count(&queues.customers).await, 0);
+    assert_eq!(
+        broker
+            .message_count(&format!("{}.dead", queues.customers))
+            .await,
+        0,
+        "nothing dead-lettered"
+    );
     broker.delete_queues(&queues.all()).await;
 }
 
@@ -234,30 +247,35 @@ fn store_at(dir: &Path, overrides: &[(&str, &str)]) -> std::sync::Arc<dyn Store>
 }
 
 #[tokio::test]
-async fn kill_9_mid_stream_then_restart_loses_and_duplicates_nothing() {
+async fn kill_9_five_times_while_draining_a_backlog_loses_and_duplicates_nothing() {
     let queues = ErpQueues::new();
     let dir = temp_dir("kill9");
     // At most 100 unacknowledged messages and a 20 ms batch wait per commit hold the stream to
-    // 5,000 messages a second or less, so the kill lands mid-stream however fast the machine.
+    // 5,000 messages a second or less, so each kill lands mid-stream however fast the machine.
     let overrides = queues.overrides(&[("amqp.prefetch", "100"), ("ingest.batch_wait_ms", "20")]);
-    let mut first = Subgate::start(&dir, &overrides);
-    first.wait_ready().await;
+    let mut gateway = Subgate::start(&dir, &overrides);
+    gateway.wait_ready().await;
     let broker = Broker::connect().await;
     broker
         .publish_all(&queues.customers, stream("k", false))
         .await;
 
     let store = store_at(&dir, &overrides);
-    eventually(60, "a part of the stream committed", || async {
-        (erp_events(store.clone()).await.0 > 1000).then_some(())
-    })
-    .await;
-    first.kill_9();
-    let (at_kill, _) = erp_events(store.clone()).await;
-    assert!(at_kill < MESSAGES as i64, "killed mid-stream ({at_kill})");
-
-    let second = Subgate::start(&dir, &overrides);
-    second.wait_ready().await;
+    for round in 1..=5i64 {
+        eventually(60, "progress before the next kill", || async {
+            (erp_events(store.clone()).await.0 > round * 1_200).then_some(())
+        })
+        .await;
+        gateway.kill_9();
+        let (at_kill, _) = erp_events(store.clone()).await;
+        assert!(
+            at_kill < MESSAGES as i64,
+            "kill {round} landed mid-stream ({at_kill})"
+        );
+        gateway = Subgate::start(&dir, &overrides);
+        gateway.wait_ready().await;
+    }
+    let second = gateway;
     eventually(120, "the whole stream after restart", || async {
         (erp_events(store.clone()).await.0 >= MESSAGES as i64
             && broker.message_count(&queues.customers).await == 0)
@@ -266,6 +284,13 @@ async fn kill_9_mid_stream_then_restart_loses_and_duplicates_nothing() {
     .await;
     drop(second);
     assert_exactly_once(store, "k").await;
+    assert_eq!(
+        broker
+            .message_count(&format!("{}.dead", queues.customers))
+            .await,
+        0,
+        "nothing dead-lettered"
+    );
     // The database the killed process was writing (through subgate's WAL-gathering VFS) reads
     // back whole with SQLite's own VFS.
     let conn = rusqlite::Connection::open_with_flags(

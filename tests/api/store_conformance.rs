@@ -699,6 +699,7 @@ fn an_ingest_batch_with_repeated_keys_ends_as_event_by_event(backend: Backend) {
             queue_capacity: 64,
             max_message_bytes: 1024,
             store_retry_ms: 10,
+            store_retry_max_ms: 100,
         };
         let results: Vec<Result<IngestOutcome, IngestError>> = runtime.block_on(async {
             let (ingest, writer) =
