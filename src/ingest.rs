@@ -239,7 +239,10 @@ impl Outage {
 
     fn recovered(&mut self) {
         if let Some(since) = self.since.take() {
-            tracing::info!(after_ms = since.elapsed().as_millis() as u64, "the store writes again");
+            tracing::info!(
+                after_ms = since.elapsed().as_millis() as u64,
+                "the store writes again"
+            );
             metrics::gauge!("subgate_store_writable").set(1.0);
             self.health.set("store", true, "writing");
         }
@@ -267,9 +270,23 @@ pub fn outage_reason(e: &StoreError) -> &'static str {
         "read-only"
     } else if has(&["i/o error", "ioerr"]) {
         "I/O error"
-    } else if has(&["57p01", "57p02", "57p03", "shutting down", "starting up", "recovery"]) {
+    } else if has(&[
+        "57p01",
+        "57p02",
+        "57p03",
+        "shutting down",
+        "starting up",
+        "recovery",
+    ]) {
         "server restarting"
-    } else if has(&["connection", "closed", "broken pipe", "reset", "timed out", "08"]) {
+    } else if has(&[
+        "connection",
+        "closed",
+        "broken pipe",
+        "reset",
+        "timed out",
+        "08",
+    ]) {
         "connection lost"
     } else {
         "unavailable"
@@ -318,7 +335,15 @@ fn run_writer(
             Err(e) => {
                 outage.failed(&e);
                 let held = answer_unheld(&mut batch, &outage.reason);
-                if !ride_out(store.as_ref(), &routes, &mut rx, held, batch_max, &mut outage, &runtime) {
+                if !ride_out(
+                    store.as_ref(),
+                    &routes,
+                    &mut rx,
+                    held,
+                    batch_max,
+                    &mut outage,
+                    &runtime,
+                ) {
                     break;
                 }
             }
@@ -334,7 +359,9 @@ fn answer_unheld(batch: &mut Vec<Job>, reason: &str) -> Vec<Job> {
         if job.hold {
             held.push(job);
         } else {
-            let _ = job.reply.send(Err(IngestError::Unavailable(reason.to_owned())));
+            let _ = job
+                .reply
+                .send(Err(IngestError::Unavailable(reason.to_owned())));
         }
     }
     held
@@ -765,6 +792,9 @@ mod tests {
     impl Change for TestChange {
         fn apply(&self, tx: &mut dyn StoreTx, ctx: &ApplyContext) -> Result<Applied, ApplyError> {
             crate::projection::apply_snapshot(tx, "test", &self.key, &json!({"k": self.key}), ctx)?;
+            if self.key == "panics" {
+                panic!("a bug in a projection");
+            }
             if self.fail {
                 return Err(ApplyError::Invalid("this event cannot apply".into()));
             }
@@ -839,5 +869,65 @@ mod tests {
         assert_eq!(store.inbox_stats(Some("test")).unwrap().events, 2);
         assert!(store.get_record("test", "bad").unwrap().is_none());
         assert!(store.get_record("test", "a").unwrap().is_some());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_event_that_panics_is_rejected_alone_and_its_batch_commits_without_it() {
+        let dir = std::env::temp_dir().join(format!("subgate-ingest-{}", fastrand::u64(..)));
+        let store: Arc<dyn Store> =
+            Arc::new(SqliteStore::open(&dir.join("i.db"), SqliteSynchronous::Normal).unwrap());
+        store.migrate().unwrap();
+        let settings = IngestSettings {
+            batch_max: 64,
+            batch_wait_ms: 200,
+            queue_capacity: 16,
+            max_message_bytes: 1024,
+            store_retry_ms: 10,
+            store_retry_max_ms: 100,
+        };
+        let (ingest, writer) = start(store.clone(), &settings, tokio::runtime::Handle::current());
+        let replies = vec![
+            ingest.enqueue_held(envelope("a", false)).await.unwrap(),
+            ingest
+                .enqueue_held(envelope("panics", false))
+                .await
+                .unwrap(),
+            ingest.enqueue_held(envelope("c", false)).await.unwrap(),
+        ];
+        let mut results = Vec::new();
+        for r in replies {
+            results.push(r.await.unwrap());
+        }
+        assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+        assert!(
+            matches!(&results[1], Err(IngestError::Rejected { reason, raw }) if reason.contains("panicked") && raw == b"panics"),
+            "{:?}",
+            results[1]
+        );
+        drop(ingest);
+        tokio::task::spawn_blocking(move || writer.join())
+            .await
+            .unwrap();
+        assert_eq!(store.inbox_stats(Some("test")).unwrap().events, 2);
+        assert!(store.get_record("test", "panics").unwrap().is_none());
+    }
+
+    #[test]
+    fn outage_reasons_name_the_cause() {
+        let cases = [
+            (StoreError::Unavailable("database or disk is full".into()), "disk full"),
+            (
+                StoreError::Unavailable("cannot connect to PostgreSQL at x: error connecting to server: Connection refused (os error 111)".into()),
+                "connection refused",
+            ),
+            (StoreError::Unavailable("database is locked".into()), "database locked"),
+            (StoreError::Unavailable("disk I/O error".into()), "I/O error"),
+            (StoreError::Unavailable("57P01: terminating connection due to administrator command".into()), "server restarting"),
+            (StoreError::Unavailable("connection closed".into()), "connection lost"),
+            (StoreError::Conflict("40001: could not serialize access".into()), "conflict"),
+        ];
+        for (error, reason) in cases {
+            assert_eq!(outage_reason(&error), reason, "{error}");
+        }
     }
 }

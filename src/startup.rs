@@ -111,6 +111,17 @@ impl Application {
         settings: Settings,
         store: Arc<dyn Store>,
     ) -> anyhow::Result<Self> {
+        let keep = store.clone();
+        let built = Self::assemble(settings, store).await;
+        if built.is_err() {
+            // The last handle of a PostgreSQL store must not be dropped on a runtime thread
+            // (its client blocks on a runtime of its own): startup errors exit 1, not a panic.
+            let _ = tokio::task::spawn_blocking(move || drop(keep)).await;
+        }
+        built
+    }
+
+    async fn assemble(settings: Settings, store: Arc<dyn Store>) -> anyhow::Result<Self> {
         // Normally done first thing in `main`; here too for embedders and tests (idempotent).
         http::tls::install_crypto_provider();
         let settings = Arc::new(settings);

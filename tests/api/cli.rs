@@ -101,3 +101,37 @@ fn migrate_creates_the_schema_and_is_idempotent() {
         "0 migration(s) applied"
     );
 }
+
+/// `serve` with `http.addr` already taken, on `store_url`: the error line (stderr also carries
+/// the log).
+fn serve_with_the_address_taken(store_url: &str) -> (Option<i32>, String) {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let o = subgate(
+        &["serve"],
+        &[
+            ("SUBGATE__HTTP__ADDR", addr.as_str()),
+            ("SUBGATE__STORE__URL", store_url),
+            ("SUBGATE__ERP__ENABLED", "false"),
+            ("SUBGATE__LOG__LEVEL", "off"),
+        ],
+    );
+    (o.status.code(), stderr(&o))
+}
+
+#[test]
+fn startup_failure_after_the_store_is_open_exits_1_with_one_line_on_both_backends() {
+    let dir = std::env::temp_dir().join(format!("subgate-cli-addr-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sqlite = format!("sqlite://{}", dir.join("s.db").display());
+    let postgres = crate::store_conformance::fresh_postgres_database();
+    for url in [sqlite.as_str(), postgres.as_str()] {
+        let (code, err) = serve_with_the_address_taken(url);
+        assert_eq!(code, Some(1), "{url}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{url}: {err}");
+        assert!(
+            err.starts_with("error: cannot listen on http.addr"),
+            "{url}: {err}"
+        );
+    }
+}

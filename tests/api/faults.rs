@@ -17,6 +17,7 @@ use subgate::store::{DeliveryState, Store};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 use crate::{
+    akinon,
     delivery::{webhook, Provider, Reply},
     erp::ErpQueues,
     helpers::{eventually, header, query, temp_dir, test_settings, Broker},
@@ -206,6 +207,8 @@ async fn a_full_disk_for_30_s_dead_letters_nothing_and_subgate_resumes_by_itself
         ("amqp.delivery_limit", "2"),
         ("ingest.store_retry_ms", "200"),
         ("ingest.store_retry_max_ms", "1000"),
+        ("akinon.username", akinon::USER),
+        ("akinon.password", akinon::PASSWORD),
     ]);
     let gateway = Subgate::start(&disk.dir, &overrides);
     gateway.wait_ready().await;
@@ -219,11 +222,29 @@ async fn a_full_disk_for_30_s_dead_letters_nothing_and_subgate_resumes_by_itself
     let client = reqwest::Client::new();
     let body = eventually(60, "readyz names the full disk", || async {
         let (status, body) = readyz(&client, &gateway).await;
-        (status == 503 && reasons(&body).iter().any(|r| r.starts_with("store: disk full")))
-            .then_some(body)
+        (status == 503
+            && reasons(&body)
+                .iter()
+                .any(|r| r.starts_with("store: disk full")))
+        .then_some(body)
     })
     .await;
     assert_eq!(body["components"]["store"]["ready"], false, "{body}");
+    // An HTTP source is answered at once: 503 with Retry-After, for Akinon to call again.
+    let answer = client
+        .post(gateway.url("/subscribe-email"))
+        .basic_auth(akinon::USER, Some(akinon::PASSWORD))
+        .header("x-akinon-request-id", "full-disk-1")
+        .header("content-type", "application/json")
+        .body(akinon::EMAIL_EXAMPLE)
+        .send()
+        .await
+        .expect("akinon call");
+    assert_eq!(answer.status(), 503);
+    assert_eq!(
+        answer.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"5"[..])
+    );
 
     // Thirty seconds of full disk: not ready all along, and the backlog waits in the broker.
     let until = Instant::now() + Duration::from_secs(30);
@@ -269,7 +290,11 @@ async fn a_full_disk_for_30_s_dead_letters_nothing_and_subgate_resumes_by_itself
     drop(gateway);
     assert_stored_exactly_once(store, "full", GOOD).await;
     let dead = drain_dead_letters(&broker, &format!("{}.dead", queues.customers)).await;
-    assert_eq!(dead, vec!["not_json".to_owned(); BAD], "only the bad messages");
+    assert_eq!(
+        dead,
+        vec!["not_json".to_owned(); BAD],
+        "only the bad messages"
+    );
     broker.delete_queues(&queues.all()).await;
 }
 
@@ -356,7 +381,13 @@ async fn postgres_unreachable_for_a_while_dead_letters_nothing_and_readyz_says_w
     gateway.wait_ready().await;
     let direct_overrides: Vec<(&str, &str)> = overrides
         .iter()
-        .map(|(k, v)| if *k == "store.url" { (*k, direct.as_str()) } else { (*k, *v) })
+        .map(|(k, v)| {
+            if *k == "store.url" {
+                (*k, direct.as_str())
+            } else {
+                (*k, *v)
+            }
+        })
         .collect();
     let settings = test_settings(&dir, &direct_overrides);
     let store = tokio::task::spawn_blocking(move || {
@@ -380,7 +411,11 @@ async fn postgres_unreachable_for_a_while_dead_letters_nothing_and_readyz_says_w
         .then_some(())
     })
     .await;
-    assert_eq!(erp_events(store.clone()).await, 0, "nothing could be stored");
+    assert_eq!(
+        erp_events(store.clone()).await,
+        0,
+        "nothing could be stored"
+    );
     // Long enough for several backoff rounds (each at most a second).
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(
@@ -407,9 +442,15 @@ async fn postgres_unreachable_for_a_while_dead_letters_nothing_and_readyz_says_w
     .await;
     drop(gateway);
     assert_stored_exactly_once(store.clone(), "pgout", GOOD).await;
-    tokio::task::spawn_blocking(move || drop(store)).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .unwrap();
     let dead = drain_dead_letters(&broker, &format!("{}.dead", queues.customers)).await;
-    assert_eq!(dead, vec!["not_json".to_owned(); BAD], "only the bad messages");
+    assert_eq!(
+        dead,
+        vec!["not_json".to_owned(); BAD],
+        "only the bad messages"
+    );
     broker.delete_queues(&queues.all()).await;
 }
 
@@ -489,7 +530,9 @@ async fn postgres_backends_terminated_five_times_under_two_instances_lose_and_du
     .await;
     drop(instances);
     // The test's own store handle was terminated too; a new one reads the result.
-    tokio::task::spawn_blocking(move || drop(store)).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .unwrap();
     let settings = test_settings(&dir, &overrides);
     let store = tokio::task::spawn_blocking(move || {
         subgate::startup::open_store(&settings, false).expect("store")
@@ -497,9 +540,15 @@ async fn postgres_backends_terminated_five_times_under_two_instances_lose_and_du
     .await
     .unwrap();
     assert_stored_exactly_once(store.clone(), "pgt", GOOD).await;
-    tokio::task::spawn_blocking(move || drop(store)).await.unwrap();
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .unwrap();
     let dead = drain_dead_letters(&broker, &format!("{}.dead", queues.customers)).await;
-    assert_eq!(dead, vec!["not_json".to_owned(); BAD], "only the bad messages");
+    assert_eq!(
+        dead,
+        vec!["not_json".to_owned(); BAD],
+        "only the bad messages"
+    );
     broker.delete_queues(&queues.all()).await;
 }
 
@@ -573,17 +622,24 @@ async fn a_webhook_answering_500_then_hanging_then_429_then_200_and_a_kill_9_in_
     gateway.kill_9();
     let second = Subgate::start(&dir, &overrides);
     second.wait_ready().await;
-    eventually(60, "row 2 delivered by the restarted process after its lease", || async {
-        let rows = rows(store.clone()).await;
-        (rows.len() == 2 && rows.iter().all(|r| r.state == DeliveryState::Delivered))
-            .then_some(())
-    })
+    eventually(
+        60,
+        "row 2 delivered by the restarted process after its lease",
+        || async {
+            let rows = rows(store.clone()).await;
+            (rows.len() == 2 && rows.iter().all(|r| r.state == DeliveryState::Delivered))
+                .then_some(())
+        },
+    )
     .await;
     drop(second);
     let seen = provider.seen();
     let ids: Vec<String> = seen.iter().map(|s| s.header("webhook-id")).collect();
     assert_eq!(seen.len(), 6, "row 2 sent once more after the takeover");
-    assert_eq!(ids[4], ids[5], "the same event id, for the receiver to dedupe");
+    assert_eq!(
+        ids[4], ids[5],
+        "the same event id, for the receiver to dedupe"
+    );
     assert_eq!(
         ids.iter().filter(|id| **id == ids[0]).count(),
         4,

@@ -5,9 +5,9 @@ pub mod akinon;
 mod cli;
 mod consent_truth;
 mod consents;
-mod faults;
 pub mod delivery;
 pub mod erp;
+mod faults;
 // Shared harness: not every test module uses every helper.
 #[allow(dead_code)]
 mod helpers;
