@@ -10,11 +10,7 @@
 //! No broker or database is needed. The number of cases per target is proptest's
 //! `PROPTEST_CASES` (default 256 here); see `docs/fuzzing.md` for the longer run.
 
-use std::{
-    collections::BTreeSet,
-    path::PathBuf,
-    sync::LazyLock,
-};
+use std::{collections::BTreeSet, path::PathBuf, sync::LazyLock};
 
 use proptest::{prelude::*, sample::Index, test_runner::Config};
 use serde_json::{Map, Value};
@@ -304,10 +300,13 @@ fn number() -> BoxedStrategy<Value> {
     prop_oneof![
         any::<i64>().prop_map(Value::from),
         any::<u64>().prop_map(Value::from),
-        any::<f64>()
-            .prop_filter_map("finite", |f| serde_json::Number::from_f64(f).map(Value::Number)),
+        any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f)
+            .map(Value::Number)),
         prop::sample::select(NUMBERS)
             .prop_map(|t| serde_json::from_str::<Value>(t).expect("a number text")),
+        // Long numbers: serde_json keeps every digit.
+        "-?[1-9][0-9]{0,3000}(\\.[0-9]{1,40})?([eE]-?[0-9]{1,3})?"
+            .prop_map(|t| serde_json::from_str::<Value>(&t).expect("a number text")),
     ]
     .boxed()
 }
@@ -559,6 +558,15 @@ fn readable(message: &str) -> bool {
     message.chars().filter(|c| c.is_alphabetic()).count() >= 3
 }
 
+/// Longest error message a decoder may answer with: it says what is wrong, it does not echo
+/// the input back (an input value is quoted cut short, as the listener's `describe` does).
+const MESSAGE_MAX: usize = 512;
+
+/// [`readable`] and at most [`MESSAGE_MAX`] characters.
+fn clear(message: &str) -> bool {
+    readable(message) && message.chars().count() <= MESSAGE_MAX
+}
+
 /// Runs an AMQP decoder on `body`.
 fn amqp_decode(
     decoder: &dyn Decoder,
@@ -585,7 +593,10 @@ fn check_erp(body: &[u8]) -> Result<(), TestCaseError> {
             feed,
             phones: Normaliser::new("TR").unwrap(),
             consent_flags: [
-                ("emailPermission".to_owned(), subgate::consent::Channel::Email),
+                (
+                    "emailPermission".to_owned(),
+                    subgate::consent::Channel::Email,
+                ),
                 ("SMS_PERMISSION".to_owned(), subgate::consent::Channel::Sms),
             ]
             .into(),
@@ -603,7 +614,7 @@ fn check_erp(body: &[u8]) -> Result<(), TestCaseError> {
                     r.code,
                     r.detail
                 );
-                prop_assert!(readable(&r.detail), "unclear ERP detail {:?}", r.detail);
+                prop_assert!(clear(&r.detail), "unclear ERP detail {:?}", r.detail);
                 if r.code == "missing_id" {
                     prop_assert!(r.detail.contains("`id`"), "{}", r.detail);
                 }
@@ -629,7 +640,7 @@ fn check_akinon(body: &[u8]) -> Result<(), TestCaseError> {
         match akinon::decode(endpoint, body.to_vec(), &call, &normaliser) {
             Ok(envelope) => prop_assert!(!envelope.entity.is_empty()),
             Err(AkinonDecodeError::Json(message)) => {
-                prop_assert!(readable(&message), "unclear invalid_json {:?}", message)
+                prop_assert!(clear(&message), "unclear invalid_json {:?}", message)
             }
             Err(AkinonDecodeError::Fields(errors)) => {
                 prop_assert!(!errors.is_empty(), "a field rejection without fields");
@@ -639,7 +650,7 @@ fn check_akinon(body: &[u8]) -> Result<(), TestCaseError> {
                         "undocumented Akinon code {:?}",
                         e.code
                     );
-                    prop_assert!(readable(&e.message), "unclear message {:?}", e.message);
+                    prop_assert!(clear(&e.message), "unclear message {:?}", e.message);
                     let root = e.field.split(['.', '[']).next().unwrap_or_default();
                     prop_assert!(
                         AKINON_KEYS.iter().any(|k| k == root),
@@ -676,7 +687,7 @@ fn check_loymax(routing_key: &str, body: &[u8]) -> Result<(), TestCaseError> {
                 r.code,
                 r.detail
             );
-            prop_assert!(readable(&r.detail), "unclear Loymax detail {:?}", r.detail);
+            prop_assert!(clear(&r.detail), "unclear Loymax detail {:?}", r.detail);
             if r.code.starts_with("missing_") {
                 prop_assert!(
                     r.detail.contains('`') || r.detail.contains("cardId"),
@@ -711,7 +722,7 @@ fn check_listener(body: &[u8]) -> Result<(), TestCaseError> {
                 reason,
                 message
             );
-            prop_assert!(readable(&message), "unclear listener message {:?}", message);
+            prop_assert!(clear(&message), "unclear listener message {:?}", message);
             if code != 21 && code != 22 {
                 prop_assert!(message.contains('`'), "names no field: {}", message);
             }
@@ -1016,10 +1027,7 @@ struct ScratchFile(PathBuf);
 
 impl ScratchFile {
     fn new(name: &str) -> Self {
-        Self(std::env::temp_dir().join(format!(
-            "subgate-fuzz-{}-{name}.toml",
-            std::process::id()
-        )))
+        Self(std::env::temp_dir().join(format!("subgate-fuzz-{}-{name}.toml", std::process::id())))
     }
 }
 
@@ -1062,10 +1070,15 @@ fn check_config(
                     let env_roots: Vec<String> = env
                         .iter()
                         .filter_map(|(n, _)| n.strip_prefix("SUBGATE__"))
-                        .map(|p| p.split("__").next().unwrap_or_default().to_ascii_lowercase())
+                        .map(|p| {
+                            p.split("__")
+                                .next()
+                                .unwrap_or_default()
+                                .to_ascii_lowercase()
+                        })
                         .collect();
-                    let in_file = file
-                        .is_some_and(|(_, text)| String::from_utf8_lossy(text).contains(root));
+                    let in_file =
+                        file.is_some_and(|(_, text)| String::from_utf8_lossy(text).contains(root));
                     let named = CONFIG_KEYS.iter().any(|k| k == root)
                         || env_roots.iter().any(|r| r == root)
                         || in_file;
