@@ -1005,11 +1005,11 @@ fn parse_env_value(raw: &str) -> toml::Value {
         || trimmed.starts_with('{')
         || trimmed.parse::<i64>().is_ok()
         || (trimmed.parse::<f64>().is_ok() && trimmed.contains('.'));
+    // Exactly one value: `[1]\n[amqp]\nprefetch = 0` is not the array `[1]` with the rest
+    // dropped; it stays a string (and the key's type check names the key).
     if literal {
-        if let Ok(t) = format!("v = {trimmed}").parse::<toml::Table>() {
-            if let Some(v) = t.get("v") {
-                return v.clone();
-            }
+        if let Ok(v) = trimmed.parse::<toml::Value>() {
+            return v;
         }
     }
     toml::Value::String(raw.to_owned())
@@ -1161,6 +1161,47 @@ mod tests {
         assert_eq!(s.loymax.queue, "smc.customerEvents");
         assert_eq!(s.loymax.exchange, "loymax.events");
         assert_eq!(s.loymax.phone_region, "RU");
+    }
+
+    #[test]
+    fn an_env_value_with_text_after_its_literal_is_rejected_not_cut_short() {
+        let err = load(
+            None,
+            &[(
+                "SUBGATE__ERP__CONSENT_FLAGS",
+                "{ emailPermission = \"email\" }\nSMS_PERMISSION = \"sms\"",
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("erp.consent_flags"), "{err}");
+        let err = load(
+            None,
+            &[(
+                "SUBGATE__LOYMAX__EXTRA_ROUTING_KEYS",
+                "[\"a.b\"]\n[amqp]\nprefetch = 0",
+            )],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("loymax.extra_routing_keys"), "{err}");
+        let s = load(
+            None,
+            &[
+                (
+                    "SUBGATE__ERP__CONSENT_FLAGS",
+                    " { emailPermission = \"email\" } ",
+                ),
+                ("SUBGATE__LOYMAX__EXTRA_ROUTING_KEYS", "[\"a.b\", \"c\"]"),
+                ("SUBGATE__AKINON__RATE_LIMIT_PER_SECOND", "2.5"),
+                ("SUBGATE__AMQP__PREFETCH", " 512 "),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.erp.consent_flags.len(), 1);
+        assert_eq!(s.loymax.extra_routing_keys, ["a.b", "c"]);
+        assert_eq!(s.akinon.rate_limit_per_second, 2.5);
+        assert_eq!(s.amqp.prefetch, 512);
     }
 
     #[test]

@@ -460,8 +460,8 @@ fn decode_order(
                 let item = decode_item(index, value, event_type)?;
                 if items.iter().any(|i| i.id == item.id) {
                     return Err(Functional::InvalidOrderItem(format!(
-                        "`event.orderItem[{index}].id` {:?} appears twice",
-                        item.id
+                        "`event.orderItem[{index}].id` {} appears twice",
+                        describe(&Value::String(item.id))
                     )));
                 }
                 items.push(item);
@@ -988,6 +988,27 @@ mod tests {
             err,
             Err(DecodeError::Functional(Functional::InvalidOrderItem(_)))
         ));
+    }
+
+    #[test]
+    fn a_repeated_long_item_id_is_quoted_cut_short() {
+        let id = "x".repeat(100_000);
+        let err = decode(&body(
+            "ServiceOrderCreationNotification",
+            json!({"id": "1", "state": "acknowledged", "orderItem": [{"id": id}, {"id": id}]}),
+        ))
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(
+            err,
+            DecodeError::Functional(Functional::InvalidOrderItem(_))
+        ));
+        assert!(
+            message.starts_with("`event.orderItem[1].id` \"xxx"),
+            "{message}"
+        );
+        assert!(message.ends_with("… appears twice"), "{message}");
+        assert!(message.chars().count() < 120, "{message}");
     }
 
     #[test]

@@ -296,7 +296,10 @@ impl<'a> Fields<'a> {
         match self.required(key)? {
             Value::Number(n) if n.as_i64().is_some() || n.as_u64().is_some() => Some(n.to_string()),
             Value::Number(n) => {
-                self.invalid(key, format!("must be an integer, not {n}"));
+                self.invalid(
+                    key,
+                    format!("must be an integer, not {}", cut(&n.to_string())),
+                );
                 None
             }
             other => {
@@ -418,6 +421,15 @@ impl<'a> Fields<'a> {
                 }
             },
         }
+    }
+}
+
+/// Input text as an error message quotes it: at most 64 characters (a number of 100,000 digits
+/// is not repeated back), `…` when cut.
+fn cut(text: &str) -> String {
+    match text.char_indices().nth(64) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
     }
 }
 
@@ -549,6 +561,28 @@ mod tests {
                 ("invalid_field", "orderItems[0].price"),
             ]
         );
+    }
+
+    #[test]
+    fn a_huge_non_integer_is_not_echoed_back_in_full() {
+        let mut o = obj(USER);
+        let huge = format!("1{}.5", "0".repeat(10_000));
+        o.insert("pk".into(), serde_json::from_str(&huge).unwrap());
+        let errors = subscribe_user(&o, &n()).unwrap_err();
+        assert_eq!(
+            (errors[0].code, errors[0].field.as_str()),
+            ("invalid_field", "pk")
+        );
+        assert!(errors[0]
+            .message
+            .starts_with("must be an integer, not 1000"));
+        assert!(
+            errors[0].message.chars().count() < 100,
+            "{}",
+            errors[0].message
+        );
+        let small = subscribe_user(&obj(&USER.replace(r#""pk":1"#, r#""pk":1.5"#)), &n());
+        assert_eq!(small.unwrap_err()[0].message, "must be an integer, not 1.5");
     }
 
     #[test]
