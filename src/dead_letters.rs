@@ -379,25 +379,6 @@ impl ChannelCallback for Confirms {
     }
 }
 
-/// Our own errors on a channel: a channel the broker closed reports it on its callback.
-struct Quiet;
-
-#[async_trait::async_trait]
-impl ChannelCallback for Quiet {
-    async fn close(&mut self, _: &Channel, _: CloseChannel) -> Result<(), amqprs::error::Error> {
-        Ok(())
-    }
-    async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
-        Ok(())
-    }
-    async fn flow(&mut self, _: &Channel, active: bool) -> Result<bool, amqprs::error::Error> {
-        Ok(active)
-    }
-    async fn publish_ack(&mut self, _: &Channel, _: Ack) {}
-    async fn publish_nack(&mut self, _: &Channel, _: Nack) {}
-    async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {}
-}
-
 fn broker(what: &str) -> impl Fn(amqprs::error::Error) -> DeadLetterError + '_ {
     move |e| DeadLetterError::Broker(format!("{what}: {e}"))
 }
@@ -437,43 +418,60 @@ impl Session {
         let _ = self.connection.close().await;
     }
 
-    async fn channel(&self) -> Result<Channel, DeadLetterError> {
+    /// A channel whose confirms, returns and closing reach the receiver.
+    async fn channel(
+        &self,
+    ) -> Result<(Channel, mpsc::UnboundedReceiver<Confirm>), DeadLetterError> {
         let channel = self
             .connection
             .open_channel(None)
             .await
             .map_err(broker("open channel"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
         channel
-            .register_callback(Quiet)
+            .register_callback(Confirms(tx))
             .await
             .map_err(broker("channel callback"))?;
-        Ok(channel)
+        Ok((channel, rx))
     }
 
     /// Ready messages in `queue` (passive declare on a channel of its own: a missing queue
     /// closes the channel).
     async fn depth(&self, queue: &str) -> Result<u32, DeadLetterError> {
-        let channel = self.channel().await?;
+        let (channel, mut events) = self.channel().await?;
         let declared = channel
             .queue_declare(QueueDeclareArguments::new(queue).passive(true).finish())
             .await;
-        let _ = channel.close().await;
         match declared {
-            Ok(Some((_, count, _))) => Ok(count),
+            Ok(Some((_, count, _))) => {
+                let _ = channel.close().await;
+                Ok(count)
+            }
             Ok(None) => Err(DeadLetterError::Broker(format!(
                 "no answer to the passive declare of {queue}"
             ))),
-            Err(e) if e.to_string().contains("NOT_FOUND") || e.to_string().contains("404") => {
-                Err(DeadLetterError::Missing(queue.to_owned()))
+            Err(e) => {
+                // The broker's reason arrives on the channel's callback.
+                let reason = tokio::time::timeout(Duration::from_secs(2), events.recv()).await;
+                match reason {
+                    Ok(Some(Confirm::Closed(reason)))
+                        if reason.contains("404") || reason.contains("NOT_FOUND") =>
+                    {
+                        Err(DeadLetterError::Missing(queue.to_owned()))
+                    }
+                    Ok(Some(Confirm::Closed(reason))) => Err(DeadLetterError::Broker(format!(
+                        "declare {queue}: {reason}"
+                    ))),
+                    _ => Err(DeadLetterError::Broker(format!("declare {queue}: {e}"))),
+                }
             }
-            Err(e) => Err(DeadLetterError::Broker(format!("declare {queue}: {e}"))),
         }
     }
 
     async fn list(&self, target: &Target, limit: usize) -> Result<Listing, DeadLetterError> {
         let dlq = &target.dead_letter_queue;
         let count = self.depth(dlq).await?;
-        let channel = self.channel().await?;
+        let (channel, _events) = self.channel().await?;
         let mut messages = Vec::new();
         let mut last_tag = None;
         let mut failure = None;
@@ -518,17 +516,8 @@ impl Session {
         // would be returned (and nothing moved), but say so up front.
         self.depth(&target.queue).await?;
         let count = self.depth(dlq).await?;
-        let reader = self.channel().await?;
-        let publisher = self
-            .connection
-            .open_channel(None)
-            .await
-            .map_err(broker("open channel"))?;
-        let (tx, mut confirms) = mpsc::unbounded_channel();
-        publisher
-            .register_callback(Confirms(tx))
-            .await
-            .map_err(broker("channel callback"))?;
+        let (reader, _reader_events) = self.channel().await?;
+        let (publisher, mut confirms) = self.channel().await?;
         publisher
             .confirm_select(ConfirmSelectArguments::default())
             .await
