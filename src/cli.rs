@@ -1,5 +1,5 @@
 //! The command line: `serve`, `migrate`, `config print|check`, `deliveries list|replay`,
-//! `--version`.
+//! `dead-letters list|replay`, `--version`.
 
 use std::{io::Write, path::PathBuf, process::ExitCode};
 
@@ -61,6 +61,41 @@ pub enum Command {
     Deliveries {
         #[command(subcommand)]
         action: DeliveriesAction,
+    },
+    /// Inspect a consumed queue's dead-letter queue and move messages back to the queue.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLettersAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLettersAction {
+    /// List the dead-letter queue's first messages, leaving every one in it (one JSON object
+    /// per line with --json).
+    List {
+        /// A consumed queue (e.g. secom-customer-queue) or its dead-letter queue.
+        #[arg(long, value_name = "QUEUE")]
+        queue: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead letters back to the queue (same body, properties and headers, plus
+    /// x-subgate-replayed); each is acked in the dead-letter queue only once the broker
+    /// confirmed its copy.
+    #[command(group(clap::ArgGroup::new("which").required(true).args(["all", "ids"])))]
+    Replay {
+        /// A consumed queue (e.g. secom-customer-queue) or its dead-letter queue.
+        #[arg(long, value_name = "QUEUE")]
+        queue: String,
+        /// Every message in the dead-letter queue.
+        #[arg(long)]
+        all: bool,
+        /// The messages with this id (as listed; repeat or list several).
+        #[arg(long = "id", value_name = "ID", num_args = 1..)]
+        ids: Vec<String>,
     },
 }
 
@@ -150,6 +185,17 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Deliveries { action } => {
             telemetry::init_logging(&settings.log);
             match deliveries(&settings, action) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(CliError::Usage(m)) => {
+                    eprintln!("error: {m}");
+                    ExitCode::from(2)
+                }
+                Err(CliError::Failed(e)) => fail(&e),
+            }
+        }
+        Command::DeadLetters { action } => {
+            telemetry::init_logging(&settings.log);
+            match dead_letters(&settings, action) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(CliError::Usage(m)) => {
                     eprintln!("error: {m}");
@@ -278,6 +324,65 @@ fn deliveries(settings: &Settings, action: DeliveriesAction) -> Result<(), CliEr
                 if outcome.rows == 1 { "y" } else { "ies" },
                 outcome.replay_id
             );
+            Ok(())
+        }
+    }
+}
+
+fn dead_letters(settings: &Settings, action: DeadLettersAction) -> Result<(), CliError> {
+    use crate::dead_letters::{self as dl, Selection};
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    match action {
+        DeadLettersAction::List { queue, limit, json } => {
+            let listing = runtime.block_on(dl::list(settings, &queue, limit.max(1)))?;
+            let mut out = std::io::stdout().lock();
+            for m in &listing.messages {
+                let line = if json {
+                    serde_json::to_string(m)?
+                } else {
+                    format!(
+                        "{}\t{}\t{} byte(s)\t{}\t{} replay(s)\t{}",
+                        m.id,
+                        m.routing_key,
+                        m.size,
+                        m.timestamp.as_deref().unwrap_or("-"),
+                        m.replayed,
+                        m.reason.as_deref().unwrap_or("-"),
+                    )
+                };
+                writeln!(out, "{line}")?;
+            }
+            if !json {
+                writeln!(
+                    out,
+                    "{} message(s) listed of {} in {}",
+                    listing.messages.len(),
+                    listing.count,
+                    listing.dead_letter_queue
+                )?;
+            }
+            Ok(())
+        }
+        DeadLettersAction::Replay { queue, all, ids } => {
+            let selection = if all {
+                Selection::All
+            } else {
+                Selection::Ids(ids.into_iter().collect())
+            };
+            let outcome = runtime.block_on(dl::replay(settings, &queue, &selection))?;
+            println!(
+                "{} message(s) moved from {} to {}",
+                outcome.moved, outcome.dead_letter_queue, outcome.queue
+            );
+            if !outcome.not_found.is_empty() {
+                eprintln!(
+                    "warning: no message with id {} in {}",
+                    outcome.not_found.join(", "),
+                    outcome.dead_letter_queue
+                );
+            }
             Ok(())
         }
     }

@@ -7,6 +7,7 @@
 //! - [`consent`]: the consent ledger shared by every source;
 //! - [`projection`]: shared building blocks of projections (change detection, staleness);
 //! - [`store`]: the `Store` trait and its backends (SQLite now);
+//! - [`dead_letters`]: list inbound dead-letter queues and replay their messages;
 //! - [`delivery`]: the outbox's workers: webhooks, Emarsys, AMQP republish, retries, replay;
 //! - [`http`]: the router: ops routes, the read API, HTTP sources (and HTTPS via rustls);
 //! - [`config`], [`cli`], [`startup`], [`telemetry`], [`health`], [`clock`]: running it.
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod consent;
+pub mod dead_letters;
 pub mod delivery;
 pub mod envelope;
 pub mod health;

@@ -1,4 +1,5 @@
-//! The admin check shared by every admin route (`/api/v1/consents` POST, `/api/v1/deliveries`):
+//! The admin check shared by every admin route (`/api/v1/consents` POST, `/api/v1/deliveries`,
+//! `/api/v1/dead-letters`):
 //! `Authorization: Bearer <admin.token>`, compared in constant time. An empty `admin.token`
 //! disables the admin API (403); a missing or wrong token is refused (401).
 //!
@@ -49,7 +50,8 @@ pub async fn guard_read_api(
     let guarded = !read_token.is_empty()
         && matches!(*request.method(), Method::GET | Method::HEAD)
         && request.uri().path().starts_with("/api/v1/")
-        && !request.uri().path().starts_with("/api/v1/deliveries");
+        && !request.uri().path().starts_with("/api/v1/deliveries")
+        && !request.uri().path().starts_with("/api/v1/dead-letters");
     if !guarded {
         return next.run(request).await;
     }

@@ -22,6 +22,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("store unavailable")]
     Unavailable(String),
+    /// The broker cannot be reached or failed an operation; the message says which.
+    #[error("broker unavailable: {0}")]
+    BrokerUnavailable(String),
     #[error("internal error")]
     Internal(String),
 }
@@ -44,6 +47,10 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Unavailable(cause) => {
                 tracing::warn!(%cause, "store unavailable");
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+            ApiError::BrokerUnavailable(cause) => {
+                tracing::warn!(%cause, "broker unavailable");
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
             ApiError::Internal(cause) => {

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod akinon;
 pub mod auth;
 mod consents;
+mod dead_letters;
 mod deliveries;
 mod error;
 pub mod listener;
@@ -73,6 +74,7 @@ fn surface_router(state: AppState, surface: Surface) -> Router {
         .merge(loymax::routes())
         .merge(listener::routes(&state.settings.listener, surface))
         .merge(deliveries::routes())
+        .merge(dead_letters::routes())
         .layer(DefaultBodyLimit::max(limit))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -676,10 +676,16 @@ impl Incoming {
         else {
             return None;
         };
+        // A replayed dead letter comes through the default exchange with the queue's name as
+        // its routing key: it is decoded (and deduplicated) with the key it first came with.
+        let routing_key = crate::dead_letters::is_replayed(&properties)
+            .then(|| crate::dead_letters::original_routing_key(&properties))
+            .flatten()
+            .unwrap_or_else(|| deliver.routing_key().clone());
         Some(Self {
             tag: deliver.delivery_tag(),
             exchange: deliver.exchange().clone(),
-            routing_key: deliver.routing_key().clone(),
+            routing_key,
             redelivered: deliver.redelivered(),
             properties,
             body,
@@ -859,11 +865,17 @@ impl Acker {
         routing_key: &str,
         original: BasicProperties,
     ) -> Result<(), String> {
+        // A replayed message already carries these headers: replace them (`set_header`; a
+        // plain insert over a key would corrupt the table's encoded length).
         let mut headers = original.headers().cloned().unwrap_or_default();
-        headers.insert(field("x-subgate-error")?, text(&rejection.header()));
-        headers.insert(field("x-subgate-error-code")?, text(rejection.code));
-        headers.insert(field("x-subgate-queue")?, text(&self.queue));
-        headers.insert(field("x-subgate-routing-key")?, text(routing_key));
+        for (name, value) in [
+            ("x-subgate-error", rejection.header()),
+            ("x-subgate-error-code", rejection.code.to_owned()),
+            ("x-subgate-queue", self.queue.clone()),
+            ("x-subgate-routing-key", routing_key.to_owned()),
+        ] {
+            crate::dead_letters::set_header(&mut headers, name, text(&value))?;
+        }
         let mut properties = original;
         properties.with_headers(headers).with_persistence(true);
         self.dead_letters

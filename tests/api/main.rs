@@ -5,6 +5,7 @@ pub mod akinon;
 mod cli;
 mod consent_truth;
 mod consents;
+mod dead_letters;
 pub mod delivery;
 pub mod erp;
 mod faults;
