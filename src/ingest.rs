@@ -9,9 +9,10 @@
 //!
 //! A transient store failure (disk full, I/O error, locked, PostgreSQL unreachable, a lost race
 //! retried too often) costs only time: the writer marks the store not ready with the reason,
-//! answers HTTP callers at once (503), keeps the AMQP events ([`Ingest::enqueue_held`]) and
-//! writes them again with backoff until the store takes them. Their deliveries stay unacked
-//! meanwhile, so prefetch stops the broker and no redelivery counts against a delivery limit.
+//! tries each HTTP event once and answers it 503 if the store still cannot write, keeps the AMQP
+//! events ([`Ingest::enqueue_held`]) and writes them again with backoff until the store takes
+//! them. Their deliveries stay unacked meanwhile, so prefetch stops the broker and no
+//! redelivery counts against a delivery limit.
 
 use std::{
     collections::HashMap,
@@ -367,11 +368,13 @@ fn answer_unheld(batch: &mut Vec<Job>, reason: &str) -> Vec<Job> {
     held
 }
 
-/// Wait out a store outage: pause with backoff (answering new HTTP events with 503 at once and
-/// keeping new held ones, in order), then write the held events again, until the store takes
-/// them all. Without held events, an empty write probes the store. Returns `false` when every
-/// handle is gone (shutdown): what is still held is answered [`IngestError::Closed`], its
-/// deliveries stay unacked and the broker delivers them again.
+/// Wait out a store outage: pause with backoff (keeping new held events, in order), then write
+/// the held events again, until the store takes them all. An HTTP event cuts the pause short:
+/// it is tried at once with the held ones, and answered 503 if the store still cannot write
+/// (its caller retries; so a retry right after the store is back succeeds). Without any event,
+/// an empty write probes the store. Returns `false` when every handle is gone (shutdown): what
+/// is still held is answered [`IngestError::Closed`], its deliveries stay unacked and the
+/// broker delivers them again.
 fn ride_out(
     store: &dyn Store,
     routes: &OutboxRoutes,
@@ -390,11 +393,12 @@ fn ride_out(
                 break;
             }
             match runtime.block_on(async { tokio::time::timeout(left, rx.recv()).await }) {
-                Ok(Some(job)) if job.hold => held.push(job),
                 Ok(Some(job)) => {
-                    let _ = job
-                        .reply
-                        .send(Err(IngestError::Unavailable(outage.reason.clone())));
+                    let now = !job.hold;
+                    held.push(job);
+                    if now {
+                        break;
+                    }
                 }
                 Ok(None) => open = false,
                 Err(_) => break,
@@ -406,9 +410,10 @@ fn ride_out(
                 Err(e) => outage.failed(&e),
             }
         }
-        while !held.is_empty() {
-            let take = held.len().min(batch_max.max(1));
-            let mut batch: Vec<Job> = held.drain(..take).collect();
+        let mut queue = std::mem::take(&mut held);
+        while !queue.is_empty() {
+            let take = queue.len().min(batch_max.max(1));
+            let mut batch: Vec<Job> = queue.drain(..take).collect();
             match write_batch(store, routes, &mut batch) {
                 Ok(spent) => {
                     outage.recovered();
@@ -416,9 +421,8 @@ fn ride_out(
                 }
                 Err(e) => {
                     outage.failed(&e);
-                    batch.append(&mut held);
-                    held = batch;
-                    break;
+                    batch.append(&mut queue);
+                    held = answer_unheld(&mut batch, &outage.reason);
                 }
             }
         }

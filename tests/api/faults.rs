@@ -235,6 +235,7 @@ async fn a_full_disk_for_30_s_dead_letters_nothing_and_subgate_resumes_by_itself
         .post(gateway.url("/subscribe-email"))
         .basic_auth(akinon::USER, Some(akinon::PASSWORD))
         .header("x-akinon-request-id", "full-disk-1")
+        .header("x-akinon-api-version", "2")
         .header("content-type", "application/json")
         .body(akinon::EMAIL_EXAMPLE)
         .send()
