@@ -315,7 +315,8 @@ impl Worker {
             destination: self.destination.clone(),
             owner: self.owner.clone(),
             now,
-            lease_until: now.saturating_add(self.lease.as_millis() as i64),
+            lease_until: now
+                .saturating_add(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX)),
             limit: self.batch,
             coalesce: self.coalesce,
         }

@@ -411,8 +411,11 @@ async fn unsubscribed_users(
                 AkinonError::Fields(vec![FieldError::new("invalid_query", "", e.body_text())])
             })?;
             let settings = &state.app.settings.akinon;
-            let (from, to) = window(&params, settings.unsubscribed_max_range.as_millis() as i64)
-                .map_err(AkinonError::Fields)?;
+            let (from, to) = window(
+                &params,
+                i64::try_from(settings.unsubscribed_max_range.as_millis()).unwrap_or(i64::MAX),
+            )
+            .map_err(AkinonError::Fields)?;
             let store = state.app.store.clone();
             let max = settings.unsubscribed_max_changes;
             let answer = blocking(move || unsubscribed_between(store.as_ref(), from, to, max))
