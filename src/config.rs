@@ -294,6 +294,25 @@ pub struct StoreSettings {
     pub url: String,
     pub sqlite_synchronous: SqliteSynchronous,
     pub migrate_on_start: bool,
+    /// PostgreSQL: pooled connections at most (reads, delivery bookkeeping), besides the
+    /// ingest writer's own.
+    pub pool_size: u32,
+    /// PostgreSQL: how long a caller waits for a pooled connection before the store counts as
+    /// unavailable.
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub pool_timeout: Duration,
+    /// PostgreSQL: `statement_timeout` of every session (0 disables; migrations run without).
+    #[serde(
+        deserialize_with = "deserialize_duration",
+        serialize_with = "serialize_duration"
+    )]
+    pub statement_timeout: Duration,
+    /// PostgreSQL with TLS (`sslmode=require` or `prefer` in the URL): a PEM file of CA
+    /// certificates trusted besides the Mozilla roots (a private CA); empty: the roots only.
+    pub tls_ca_file: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -676,6 +695,12 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         StoreUrl::parse(&self.store.url)?;
+        if self.store.pool_size == 0 {
+            return Err(invalid("store.pool_size", "must be at least 1"));
+        }
+        if self.store.pool_timeout.is_zero() {
+            return Err(invalid("store.pool_timeout", "must be longer than 0"));
+        }
         if !(self.amqp.url.starts_with("amqp://") || self.amqp.url.starts_with("amqps://")) {
             return Err(invalid("amqp.url", "must start with amqp:// or amqps://"));
         }

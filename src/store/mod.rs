@@ -516,7 +516,17 @@ pub fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, StoreError
             &path,
             settings.store.sqlite_synchronous,
         )?)),
-        StoreUrl::Postgres(url) => Ok(std::sync::Arc::new(postgres::PostgresStore::open(&url)?)),
+        StoreUrl::Postgres(url) => {
+            let options = postgres::PostgresOptions {
+                pool_size: settings.store.pool_size,
+                pool_timeout: settings.store.pool_timeout,
+                statement_timeout: settings.store.statement_timeout,
+                tls_ca_file: settings.store.tls_ca_file.clone(),
+            };
+            Ok(std::sync::Arc::new(postgres::PostgresStore::open_with(
+                &url, &options,
+            )?))
+        }
     }
 }
 

@@ -20,10 +20,12 @@
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
-    sync::Mutex,
+    sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use postgres::{error::SqlState, types::ToSql, Client, NoTls, Row, Statement};
+use postgres::{config::SslMode, error::SqlState, types::ToSql, Client, NoTls, Row, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 use serde_json::Value;
 
 use super::{
@@ -40,7 +42,6 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0004_outbox_retention.sql"),
     include_str!("../../migrations/postgres/0005_outbox_record_and_contact_keys.sql"),
 ];
-const READERS_KEPT: usize = 4;
 /// Session advisory lock key held while migrating ("subgate" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0073_7562_6761_7465;
 
@@ -93,20 +94,135 @@ struct Conn {
     statements: HashMap<&'static str, Statement>,
 }
 
-impl Conn {
-    fn open(url: &str) -> Result<Self, StoreError> {
-        let client = Client::connect(url, NoTls).map_err(|e| {
+/// How sessions are opened: the parsed URL, TLS when the URL asks for it, the statement timeout.
+#[derive(Clone)]
+struct Connector {
+    config: postgres::Config,
+    /// `None`: plain TCP (no `sslmode`, or `sslmode=disable`).
+    tls: Option<MakeRustlsConnect>,
+    /// The URL without its password, for errors.
+    shown: String,
+    statement_timeout: Duration,
+}
+
+impl Connector {
+    fn new(url: &str, options: &PostgresOptions) -> Result<Self, StoreError> {
+        let shown = crate::config::redact_url(url);
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| StoreError::Failed(format!("store.url {shown}: {e}")))?;
+        // An unreachable host must fail within seconds, not after TCP's own minutes.
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(Duration::from_secs(10));
+        }
+        // TLS only when asked for: without `sslmode` the postgres crate would "prefer" TLS,
+        // and a server with a certificate we cannot verify would then refuse us.
+        let asked = url.contains("sslmode=") && config.get_ssl_mode() != SslMode::Disable;
+        let tls = if asked {
+            Some(MakeRustlsConnect::new(tls_config(&options.tls_ca_file)?))
+        } else {
+            None
+        };
+        Ok(Self {
+            config,
+            tls,
+            shown,
+            statement_timeout: options.statement_timeout,
+        })
+    }
+
+    fn connect(&self) -> Result<Conn, StoreError> {
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        };
+        let mut client = connected.map_err(|e| {
             StoreError::Unavailable(format!(
                 "cannot connect to PostgreSQL at {}: {}",
-                crate::config::redact_url(url),
+                self.shown,
                 with_causes(&e)
             ))
         })?;
+        if !self.statement_timeout.is_zero() {
+            client.batch_execute(&format!(
+                "SET statement_timeout = {}",
+                self.statement_timeout.as_millis()
+            ))?;
+        }
         Ok(Conn {
             client,
             statements: HashMap::new(),
         })
     }
+}
+
+/// rustls with aws-lc-rs, trusting the Mozilla roots and the CA certificates of `ca_file`.
+fn tls_config(ca_file: &str) -> Result<tokio_rustls::rustls::ClientConfig, StoreError> {
+    use tokio_rustls::rustls::{self, crypto::aws_lc_rs, pki_types::pem::PemObject, RootCertStore};
+    let mut roots = RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    if !ca_file.is_empty() {
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(ca_file)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| StoreError::Failed(format!("store.tls_ca_file {ca_file}: {e}")))?;
+        for cert in certs {
+            roots
+                .add(cert)
+                .map_err(|e| StoreError::Failed(format!("store.tls_ca_file {ca_file}: {e}")))?;
+        }
+    }
+    Ok(
+        rustls::ClientConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StoreError::Failed(format!("TLS for PostgreSQL: {e}")))?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// What the pool needs to make, check and discard connections.
+struct Manager(Connector);
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = StoreError;
+
+    fn connect(&self) -> Result<Conn, StoreError> {
+        self.0.connect()
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), StoreError> {
+        conn.client.simple_query("")?;
+        Ok(())
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        conn.client.is_closed()
+    }
+}
+
+/// The PostgreSQL-only part of `[store]`.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    pub pool_size: u32,
+    pub pool_timeout: Duration,
+    pub statement_timeout: Duration,
+    pub tls_ca_file: String,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        Self {
+            pool_size: 8,
+            pool_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            tls_ca_file: String::new(),
+        }
+    }
+}
+
+impl Conn {
 
     fn statement(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
         if let Some(s) = self.statements.get(sql) {
@@ -146,10 +262,12 @@ impl Conn {
 }
 
 pub struct PostgresStore {
-    url: String,
+    connector: Connector,
     /// The ingest writer's connection; reopened if it broke.
     writer: Mutex<Option<Conn>>,
-    readers: Mutex<Vec<Conn>>,
+    /// Reads and delivery bookkeeping: at most `store.pool_size` connections.
+    readers: r2d2::Pool<Manager>,
+    pool_timeout: Duration,
 }
 
 fn to_json(v: &Value) -> String {
@@ -158,10 +276,6 @@ fn to_json(v: &Value) -> String {
 
 fn from_json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or(Value::Null)
-}
-
-fn poisoned<T>(_: T) -> StoreError {
-    StoreError::Failed("store lock poisoned by an earlier panic".into())
 }
 
 fn read_record(row: &Row) -> Result<Record, StoreError> {
@@ -486,12 +600,29 @@ fn record_attempts(
 }
 
 impl PostgresStore {
+    /// Connect with the default pool, timeouts and TLS roots.
     pub fn open(url: &str) -> Result<Self, StoreError> {
-        let writer = Conn::open(url)?;
+        Self::open_with(url, &PostgresOptions::default())
+    }
+
+    pub fn open_with(url: &str, options: &PostgresOptions) -> Result<Self, StoreError> {
+        let connector = Connector::new(url, options)?;
+        // The writer first: an unreachable database fails `serve` at once, with the reason.
+        let writer = connector.connect()?;
+        let readers = r2d2::Pool::builder()
+            .max_size(options.pool_size.max(1))
+            .min_idle(Some(0))
+            .connection_timeout(options.pool_timeout)
+            // A broken connection is seen by `has_broken` when it comes back; checking every
+            // checkout would cost a round trip per read.
+            .test_on_check_out(false)
+            .error_handler(Box::new(r2d2::NopErrorHandler))
+            .build_unchecked(Manager(connector.clone()));
         Ok(Self {
-            url: url.to_owned(),
+            connector,
             writer: Mutex::new(Some(writer)),
-            readers: Mutex::new(Vec::new()),
+            readers,
+            pool_timeout: options.pool_timeout,
         })
     }
 
@@ -499,19 +630,18 @@ impl PostgresStore {
         &self,
         f: impl FnOnce(&mut Conn) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        let pooled = self.readers.lock().map_err(poisoned)?.pop();
-        let mut conn = match pooled {
-            Some(c) if !c.client.is_closed() => c,
-            _ => Conn::open(&self.url)?,
-        };
-        let result = f(&mut conn);
-        if !conn.client.is_closed() {
-            let mut readers = self.readers.lock().map_err(poisoned)?;
-            if readers.len() < READERS_KEPT {
-                readers.push(conn);
-            }
-        }
-        result
+        let mut conn = self.readers.get().map_err(|e| {
+            // The pool's own message is only "timed out"; a connection attempt says why.
+            let cause = match self.connector.connect() {
+                Ok(_) => e.to_string(),
+                Err(connect) => connect.message().to_owned(),
+            };
+            StoreError::Unavailable(format!(
+                "no pooled PostgreSQL connection within {:?}: {cause}",
+                self.pool_timeout
+            ))
+        })?;
+        f(&mut conn)
     }
 
     fn with_writer<T>(
@@ -523,7 +653,7 @@ impl PostgresStore {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
-            *slot = Some(Conn::open(&self.url)?);
+            *slot = Some(self.connector.connect()?);
         }
         let Some(conn) = slot.as_mut() else {
             return Err(StoreError::Unavailable("no writer connection".into()));
@@ -1183,8 +1313,10 @@ impl StoreTx for Tx<'_> {
 impl Store for PostgresStore {
     fn migrate(&self) -> Result<usize, StoreError> {
         // A separate connection: the session lock must not outlive this call on a shared one.
-        let mut conn = Conn::open(&self.url)?;
+        let mut conn = self.connector.connect()?;
         let client = &mut conn.client;
+        // Migrations may rewrite large tables: no statement timeout for them.
+        client.batch_execute("SET statement_timeout = 0")?;
         client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])?;
         let result = (|| -> Result<usize, StoreError> {
             client.batch_execute(
@@ -1521,5 +1653,138 @@ impl Store for PostgresStore {
                 .ok_or_else(|| StoreError::Failed("no row from the purge".into()))?;
             Ok(row.try_get::<_, i64>(0)? as usize)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the PostgreSQL of this machine (127.0.0.1:5432, trust; `ssl = on` with Debian's
+    //! snakeoil certificate for `localhost`).
+
+    use super::*;
+
+    const URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+    const SNAKEOIL: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+
+    fn options(statement_timeout: Duration, tls_ca_file: &str) -> PostgresOptions {
+        PostgresOptions {
+            statement_timeout,
+            tls_ca_file: tls_ca_file.to_owned(),
+            ..PostgresOptions::default()
+        }
+    }
+
+    fn uses_tls(conn: &mut Conn) -> bool {
+        conn.client
+            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .and_then(|r| r.try_get(0))
+            .unwrap_or(false)
+    }
+
+    #[test]
+    fn every_session_gets_the_statement_timeout_and_a_slow_statement_is_cancelled() {
+        let connector = Connector::new(URL, &options(Duration::from_millis(300), "")).unwrap();
+        let mut conn = connector.connect().unwrap();
+        let shown: String = conn
+            .client
+            .query_one("SHOW statement_timeout", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(shown, "300ms");
+        let slow = conn.client.execute("SELECT pg_sleep(2)", &[]).unwrap_err();
+        assert_eq!(slow.code(), Some(&SqlState::QUERY_CANCELED), "{slow}");
+        let none = Connector::new(URL, &options(Duration::ZERO, "")).unwrap();
+        let shown: String = none
+            .connect()
+            .unwrap()
+            .client
+            .query_one("SHOW statement_timeout", &[])
+            .unwrap()
+            .get(0);
+        assert_eq!(shown, "0", "0 leaves the server's default (none)");
+    }
+
+    #[test]
+    fn sslmode_require_speaks_tls_and_verifies_the_servers_certificate() {
+        if !std::path::Path::new(SNAKEOIL).exists() {
+            eprintln!("SKIPPED: no {SNAKEOIL} (the server's certificate) on this machine");
+            return;
+        }
+        tokio_rustls::rustls::crypto::aws_lc_rs::default_provider()
+            .install_default()
+            .ok();
+        let tls_url = "postgres://postgres@localhost:5432/postgres?sslmode=require";
+        let trusted = Connector::new(tls_url, &options(Duration::ZERO, SNAKEOIL)).unwrap();
+        let mut conn = trusted.connect().unwrap();
+        assert!(uses_tls(&mut conn), "the session is encrypted");
+
+        let untrusted = Connector::new(tls_url, &options(Duration::ZERO, "")).unwrap();
+        let refused = untrusted.connect().err().expect("an unknown issuer is refused");
+        assert!(
+            refused.message().contains("certificate"),
+            "the error says why: {refused}"
+        );
+
+        let plain = Connector::new(URL, &options(Duration::ZERO, "")).unwrap();
+        assert!(plain.tls.is_none(), "no sslmode: plain TCP");
+        assert!(!uses_tls(&mut plain.connect().unwrap()));
+    }
+
+    #[test]
+    fn the_pool_never_holds_more_than_pool_size_connections() {
+        let name = format!("subgate_pool_{}", fastrand::u32(..));
+        let mut admin = Client::connect(URL, NoTls).unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap();
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        let store = Arc::new(
+            PostgresStore::open_with(
+                &url,
+                &PostgresOptions {
+                    pool_size: 2,
+                    ..PostgresOptions::default()
+                },
+            )
+            .unwrap(),
+        );
+        let busy = std::sync::atomic::AtomicBool::new(true);
+        let peak = std::thread::scope(|scope| {
+            for _ in 0..8 {
+                let store = store.clone();
+                scope.spawn(move || {
+                    for _ in 0..20 {
+                        store
+                            .with_reader(|c| Ok(c.client.execute("SELECT pg_sleep(0.01)", &[])?))
+                            .unwrap();
+                    }
+                });
+            }
+            let sampler = scope.spawn(|| {
+                let mut peak = 0i64;
+                let mut probe = Client::connect(URL, NoTls).unwrap();
+                while busy.load(std::sync::atomic::Ordering::SeqCst) {
+                    let n: i64 = probe
+                        .query_one(
+                            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1",
+                            &[&name],
+                        )
+                        .unwrap()
+                        .get(0);
+                    peak = peak.max(n);
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                peak
+            });
+            std::thread::sleep(Duration::from_millis(600));
+            busy.store(false, std::sync::atomic::Ordering::SeqCst);
+            sampler.join().unwrap()
+        });
+        drop(store);
+        admin
+            .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
+            .unwrap();
+        assert!(peak >= 2, "the readers ran ({peak} sessions seen)");
+        assert!(peak <= 3, "the writer and at most pool_size readers: {peak}");
     }
 }
