@@ -114,44 +114,17 @@ impl Address {
 /// Normalises addresses; built once from configuration (`consent.default_region`).
 #[derive(Debug, Clone)]
 pub struct Normaliser {
-    /// Calling code of the default region, without `+` (TR → "90").
-    country_code: &'static str,
-    /// Length of a national significant number in the default region (TR: 10), when fixed.
-    national_length: Option<usize>,
+    /// The region whose numbering plan (trunk prefix, lengths) applies to national forms.
+    region: phonenumber::country::Id,
 }
-
-/// Regions we know the calling code of (ISO 3166 alpha-2 → code, national number length).
-const REGIONS: &[(&str, &str, Option<usize>)] = &[
-    ("TR", "90", Some(10)),
-    ("RU", "7", Some(10)),
-    ("KZ", "7", Some(10)),
-    ("US", "1", Some(10)),
-    ("CA", "1", Some(10)),
-    ("GB", "44", None),
-    ("DE", "49", None),
-    ("FR", "33", Some(9)),
-    ("NL", "31", Some(9)),
-    ("AZ", "994", Some(9)),
-    ("UA", "380", Some(9)),
-    ("AE", "971", None),
-];
 
 impl Normaliser {
     pub fn new(default_region: &str) -> Result<Self, String> {
-        let region = default_region.trim().to_ascii_uppercase();
-        REGIONS
-            .iter()
-            .find(|(r, _, _)| *r == region)
-            .map(|(_, code, len)| Normaliser {
-                country_code: code,
-                national_length: *len,
-            })
-            .ok_or_else(|| {
-                let known: Vec<&str> = REGIONS.iter().map(|(r, _, _)| *r).collect();
-                format!(
-                    "unknown region {default_region:?}; known: {}",
-                    known.join(", ")
-                )
+        let code = default_region.trim().to_ascii_uppercase();
+        code.parse::<phonenumber::country::Id>()
+            .map(|region| Normaliser { region })
+            .map_err(|_| {
+                format!("unknown region {default_region:?}: an ISO 3166 alpha-2 code (TR, RU, KZ, …)")
             })
     }
 
@@ -174,43 +147,33 @@ impl Normaliser {
         })
     }
 
-    /// E.164: `+` and digits. `05351234567`, `5351234567`, `905351234567`, `+90 535 123 45 67`
-    /// and `00905351234567` are all `+905351234567` with the TR default.
+    /// E.164 by the default region's numbering plan (libphonenumber's metadata): with TR,
+    /// `05351234567`, `5351234567`, `905351234567`, `+90 535 123 45 67` and `00905351234567` are
+    /// all `+905351234567`; with RU, `8 912 345-67-89` is `+79123456789`.
     pub fn phone(&self, raw: &str) -> Result<String, String> {
         let trimmed = raw.trim();
-        let plus = trimmed.starts_with('+');
-        let mut digits = String::with_capacity(trimmed.len());
-        for c in trimmed.chars() {
-            match c {
-                '0'..='9' => digits.push(c),
-                '+' | ' ' | '-' | '(' | ')' | '.' | '/' => {}
-                other => return Err(format!("unexpected character {other:?} in phone number")),
-            }
-        }
-        let international = if plus {
-            digits
-        } else if let Some(rest) = digits.strip_prefix("00") {
-            rest.to_owned()
-        } else if let Some(national) = digits.strip_prefix('0') {
-            format!("{}{national}", self.country_code)
-        } else if self.national_length == Some(digits.len()) {
-            format!("{}{digits}", self.country_code)
-        } else if digits.starts_with(self.country_code)
-            && self
-                .national_length
-                .is_none_or(|n| digits.len() == n + self.country_code.len())
+        if let Some(other) = trimmed
+            .chars()
+            .find(|c| !(c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '(' | ')' | '.' | '/')))
         {
-            digits
-        } else {
-            format!("{}{digits}", self.country_code)
+            return Err(format!("unexpected character {other:?} in phone number"));
+        }
+        // `00` is the international prefix of most regions; libphonenumber reads it only for the
+        // default region's own prefix (Russia dials `810`), so it is made a `+` here.
+        let text = match trimmed.strip_prefix("00") {
+            Some(rest) => format!("+{rest}"),
+            None => trimmed.to_owned(),
         };
-        if !(8..=15).contains(&international.len()) {
+        let number = phonenumber::parse(Some(self.region), &text)
+            .map_err(|e| format!("not a phone number: {e}"))?;
+        let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
+        let digits = e164.len().saturating_sub(1);
+        if !(8..=15).contains(&digits) {
             return Err(format!(
-                "{} digits is not a phone number (E.164 allows 8 to 15)",
-                international.len()
+                "{digits} digits is not a phone number (E.164 allows 8 to 15)"
             ));
         }
-        Ok(format!("+{international}"))
+        Ok(e164)
     }
 }
 
@@ -318,6 +281,20 @@ mod tests {
         }
         assert!(n.phone("12").is_err());
         assert!(n.phone("0535abc").is_err());
+    }
+
+    #[test]
+    fn russian_and_kazakh_trunk_prefix_8_is_read_by_the_numbering_plan() {
+        let ru = Normaliser::new("RU").unwrap();
+        for raw in ["8 912 345-67-89", "89123456789", "+7 912 345 67 89", "9123456789"] {
+            assert_eq!(ru.phone(raw).unwrap(), "+79123456789", "{raw}");
+        }
+        let kz = Normaliser::new("KZ").unwrap();
+        for raw in ["8 701 123 4567", "87011234567", "+77011234567"] {
+            assert_eq!(kz.phone(raw).unwrap(), "+77011234567", "{raw}");
+        }
+        // An international number keeps its own country whatever the default region.
+        assert_eq!(ru.phone("+90 535 123 45 67").unwrap(), "+905351234567");
     }
 
     #[test]
