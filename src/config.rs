@@ -913,17 +913,18 @@ impl Settings {
     }
 }
 
-/// Replace the password of `scheme://user:password@host…` with `***`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let Some((userinfo, host)) = rest.split_once('@') else {
-        return url.to_owned();
-    };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
+/// Replace the password of `scheme://user:password@host…` with `***` (IPv6 hosts, escapes and
+/// all, through the `url` crate); a URL that does not parse is hidden whole if it could hold one.
+pub fn redact_url(text: &str) -> String {
+    match url::Url::parse(text) {
+        Ok(mut url) if url.password().is_some() => {
+            // Cannot fail: a URL with a password has a host.
+            let _ = url.set_password(Some("***"));
+            url.to_string()
+        }
+        Ok(_) => text.to_owned(),
+        Err(_) if text.contains('@') => "***".to_owned(),
+        Err(_) => text.to_owned(),
     }
 }
 

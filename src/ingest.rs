@@ -103,6 +103,8 @@ struct Job {
 #[derive(Clone)]
 pub struct Ingest {
     jobs: mpsc::Sender<Job>,
+    /// Set by the writer while the store cannot write.
+    outage: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ingest {
@@ -118,6 +120,11 @@ impl Ingest {
     /// the event is committed or rejected, or the pipeline shuts down ([`IngestError::Closed`]).
     pub async fn enqueue_held(&self, envelope: Envelope) -> Result<Reply, IngestError> {
         self.queue(envelope, true).await
+    }
+
+    /// Whether the writer is waiting out a store outage right now.
+    pub fn store_down(&self) -> bool {
+        self.outage.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn queue(&self, envelope: Envelope, hold: bool) -> Result<Reply, IngestError> {
@@ -184,8 +191,10 @@ pub fn start_with_routes(
     let (jobs, rx) = mpsc::channel(settings.queue_capacity);
     let batch_max = settings.batch_max;
     let batch_wait = Duration::from_millis(settings.batch_wait_ms);
+    let down = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let outage = Outage::new(
         health,
+        down.clone(),
         Duration::from_millis(settings.store_retry_ms.max(1)),
         Duration::from_millis(settings.store_retry_max_ms.max(settings.store_retry_ms)),
     );
@@ -193,12 +202,20 @@ pub fn start_with_routes(
         .name("subgate-ingest".into())
         .spawn(move || run_writer(store, routes, rx, batch_max, batch_wait, outage, runtime))
         .unwrap_or_else(|e| panic!("cannot spawn the ingest writer thread: {e}"));
-    (Ingest { jobs }, IngestWriter { thread })
+    (
+        Ingest {
+            jobs,
+            outage: down,
+        },
+        IngestWriter { thread },
+    )
 }
 
 /// The writer's view of whether the store takes writes, published to readiness and metrics.
 struct Outage {
     health: Health,
+    /// Shared with every [`Ingest`] handle.
+    down: Arc<std::sync::atomic::AtomicBool>,
     /// When the current outage began; `None`: the store writes.
     since: Option<Instant>,
     /// The pause before the next attempt: doubles from `initial` up to `max`.
@@ -210,11 +227,17 @@ struct Outage {
 }
 
 impl Outage {
-    fn new(health: Health, initial: Duration, max: Duration) -> Self {
+    fn new(
+        health: Health,
+        down: Arc<std::sync::atomic::AtomicBool>,
+        initial: Duration,
+        max: Duration,
+    ) -> Self {
         health.set("store", true, "writing");
         metrics::gauge!("subgate_store_writable").set(1.0);
         Self {
             health,
+            down,
             since: None,
             delay: initial,
             initial,
@@ -231,6 +254,7 @@ impl Outage {
             self.since = Some(Instant::now());
             self.delay = self.initial;
             metrics::gauge!("subgate_store_writable").set(0.0);
+            self.down.store(true, std::sync::atomic::Ordering::Relaxed);
         } else {
             self.delay = (self.delay * 2).min(self.max);
         }
@@ -245,6 +269,7 @@ impl Outage {
                 "the store writes again"
             );
             metrics::gauge!("subgate_store_writable").set(1.0);
+            self.down.store(false, std::sync::atomic::Ordering::Relaxed);
             self.health.set("store", true, "writing");
         }
     }

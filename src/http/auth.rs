@@ -42,15 +42,10 @@ pub fn parse_authorization(value: Option<&str>) -> Result<Presented, AuthHeaderE
     }
 }
 
-/// Compare two secrets without an early exit on the first differing byte.
+/// Compare two secrets in constant time (`subtle`): no early exit on the first differing byte.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
-    for i in 0..a.len().max(b.len()) {
-        let x = a.get(i).copied().unwrap_or(0);
-        let y = b.get(i).copied().unwrap_or(0);
-        diff |= x ^ y;
-    }
-    diff == 0
+    use subtle::ConstantTimeEq;
+    bool::from(a.ct_eq(b))
 }
 
 /// A configured secret string that never prints.

@@ -148,67 +148,50 @@ pub struct BrokerAddress {
 }
 
 impl BrokerAddress {
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = match url.split_once("://") {
-            Some(("amqp", rest)) => rest,
-            Some(("amqps", _)) => return Err("amqps:// (TLS) is not supported yet".into()),
-            _ => return Err("must look like amqp://user:password@host:port/vhost".into()),
-        };
-        let (authority, vhost) = match rest.split_once('/') {
-            Some((a, v)) => (a, percent_decode(v)?),
-            None => (rest, "/".to_owned()),
-        };
-        let vhost = if vhost.is_empty() { "/".into() } else { vhost };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
-        let (user, password) = match userinfo {
-            Some(u) => match u.split_once(':') {
-                Some((user, pass)) => (percent_decode(user)?, percent_decode(pass)?),
-                None => (percent_decode(u)?, String::new()),
-            },
-            None => ("guest".into(), "guest".into()),
-        };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) => (
-                h.to_owned(),
-                p.parse::<u16>()
-                    .map_err(|_| format!("invalid port {p:?}"))?,
-            ),
-            None => (hostport.to_owned(), 5672),
+    /// `amqp://user:password@host:port/vhost`, percent-escapes decoded (`%2f` is the vhost
+    /// `/`); an IPv6 host is written in brackets (`amqp://[::1]:5672/%2f`).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        const SHAPE: &str = "must look like amqp://user:password@host:port/vhost";
+        let url = url::Url::parse(text).map_err(|e| format!("{SHAPE}: {e}"))?;
+        match url.scheme() {
+            "amqp" => {}
+            "amqps" => return Err("amqps:// (TLS) is not supported yet".into()),
+            _ => return Err(SHAPE.into()),
+        }
+        let host = match url.host() {
+            Some(url::Host::Ipv6(ip)) => ip.to_string(),
+            Some(host) => host.to_string(),
+            None => return Err("no host".into()),
         };
         if host.is_empty() {
             return Err("no host".into());
         }
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8()
+                .map(|c| c.into_owned())
+                .map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
+        };
+        let (user, password) = if url.username().is_empty() && url.password().is_none() {
+            ("guest".to_owned(), "guest".to_owned())
+        } else {
+            (
+                decode(url.username())?,
+                decode(url.password().unwrap_or(""))?,
+            )
+        };
+        let vhost = match url.path().strip_prefix('/').unwrap_or(url.path()) {
+            "" => "/".to_owned(),
+            raw => decode(raw)?,
+        };
         Ok(Self {
             host,
-            port,
+            port: url.port().unwrap_or(5672),
             vhost,
             user,
             password,
         })
     }
-}
-
-fn percent_decode(s: &str) -> Result<String, String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| format!("bad percent-escape in {s:?}"))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| format!("{s:?} is not UTF-8 once decoded"))
 }
 
 /// Exponential backoff with full jitter: a random delay in [initial, min(max, initial·2^n)].
@@ -575,7 +558,7 @@ impl Pump {
             pending_ack: None,
             settle: metrics::histogram!("subgate_amqp_settle_seconds", "queue" => self.spec.queue.clone()),
         };
-        let acker = tokio::spawn(acker.run(acker_rx, stop.clone()));
+        let acker = tokio::spawn(acker.run(acker_rx, stop.clone(), self.ingest.clone()));
         let max_bytes = self.settings.ingest.max_message_bytes;
         let queue = self.spec.queue.as_str();
         let received = metrics::counter!("subgate_received_total", "queue" => queue.to_owned());
@@ -651,8 +634,9 @@ impl Pump {
     }
 }
 
-/// How long commits in flight may take to finish after a stop before they are left unacked.
-const STOP_GRACE: Duration = Duration::from_secs(5);
+/// After a stop, how often the acker looks whether a commit it waits for is held by a store
+/// outage (then left unacked) rather than just slow.
+const STOP_GRACE: Duration = Duration::from_secs(2);
 
 /// Deliveries already waiting are decoded together, up to this many.
 const DECODE_CHUNK: usize = 64;
@@ -766,12 +750,19 @@ impl Acker {
         mut self,
         mut rx: mpsc::UnboundedReceiver<(u64, Disposition)>,
         stop: CancellationToken,
+        ingest: Ingest,
     ) -> Result<(), String> {
-        // After a stop, commits in flight get this long to finish (so they are acked); a commit
-        // held by a store outage is then left unacked, for the broker to deliver again.
+        // After a stop, commits in flight finish and are acked, however slow the machine; only a
+        // commit held by a store outage is left unacked (after a grace), for the broker to
+        // deliver again.
         let abandon = async {
             stop.cancelled().await;
-            tokio::time::sleep(STOP_GRACE).await;
+            loop {
+                tokio::time::sleep(STOP_GRACE).await;
+                if ingest.store_down() {
+                    break;
+                }
+            }
         };
         tokio::pin!(abandon);
         loop {
@@ -959,6 +950,8 @@ mod tests {
         assert_eq!((b.port, b.vhost.as_str()), (5672, "prod"));
         assert!(BrokerAddress::parse("amqps://h").is_err());
         assert!(BrokerAddress::parse("amqp://h:notaport").is_err());
+        let v6 = BrokerAddress::parse("amqp://u:p@[::1]:5673/%2f").unwrap();
+        assert_eq!((v6.host.as_str(), v6.port), ("::1", 5673));
     }
 
     #[test]

@@ -819,6 +819,11 @@ async fn store_that_cannot_commit_answers_503_not_200() {
     let blocker = rusqlite::Connection::open(&db).unwrap();
     blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
     let r = post(&app, "/subscribe-user", USER_EXAMPLE, "while-down").await;
+    assert_eq!(
+        r.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"5"[..]),
+        "Akinon is told when to call again"
+    );
     assert_error(r, 503, "store_unavailable", "").await;
     blocker.execute_batch("ROLLBACK").unwrap();
     drop(blocker);

