@@ -826,6 +826,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_event_is_rejected_alone_and_the_rest_of_its_batch_commits() {
         let dir = std::env::temp_dir().join(format!("subgate-ingest-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.join("i.db"), SqliteSynchronous::Normal).unwrap());
         store.migrate().unwrap();
@@ -878,6 +879,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_event_that_panics_is_rejected_alone_and_its_batch_commits_without_it() {
         let dir = std::env::temp_dir().join(format!("subgate-ingest-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.join("i.db"), SqliteSynchronous::Normal).unwrap());
         store.migrate().unwrap();

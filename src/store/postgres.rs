@@ -95,7 +95,24 @@ struct Conn {
 
 impl Conn {
     fn open(url: &str) -> Result<Self, StoreError> {
-        let client = Client::connect(url, NoTls).map_err(|e| {
+        let mut config: postgres::Config = url.parse().map_err(|e| {
+            StoreError::Failed(format!(
+                "store.url: invalid PostgreSQL URL {}: {e}",
+                crate::config::redact_url(url)
+            ))
+        })?;
+        // The crate logs NOTICEs at info ('relation "schema_migrations" already exists,
+        // skipping' on every start): they are the server's chatter, not the operator's news.
+        config.notice_callback(|notice| {
+            tracing::debug!(
+                target: "subgate::store::postgres::notice",
+                severity = notice.severity(),
+                code = notice.code().code(),
+                "{}",
+                notice.message()
+            );
+        });
+        let client = config.connect(NoTls).map_err(|e| {
             StoreError::Unavailable(format!(
                 "cannot connect to PostgreSQL at {}: {}",
                 crate::config::redact_url(url),
