@@ -222,3 +222,23 @@ fn postgresql_notices_are_logged_at_debug_not_info() {
         "at debug the notice is there: {err}"
     );
 }
+
+#[test]
+fn config_check_rejects_an_unknown_source_in_a_destination_filter_with_a_suggestion() {
+    let o = subgate(
+        &["config", "check"],
+        &[(
+            "SUBGATE__DESTINATIONS",
+            r#"[{name="crm", kind="webhook", url="https://crm.example.com/h", secret="whsec_c2VjcmV0LW9uZQ==", sources=["akinn"]}]"#,
+        )],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(
+            r#"`destinations[0].sources`: unknown source "akinn"; did you mean "akinon"?"#
+        ),
+        "{err}"
+    );
+}
