@@ -255,6 +255,19 @@ impl Outage {
     }
 }
 
+/// Every value [`outage_reason`] answers (the `subgate_commit_failures_total` labels).
+pub const OUTAGE_REASONS: &[&str] = &[
+    "conflict",
+    "disk full",
+    "connection refused",
+    "database locked",
+    "read-only",
+    "I/O error",
+    "server restarting",
+    "connection lost",
+    "unavailable",
+];
+
 /// A short name for why the store cannot write: the readiness reason and the metric label.
 pub fn outage_reason(e: &StoreError) -> &'static str {
     let text = e.to_string().to_ascii_lowercase();
@@ -934,6 +947,13 @@ mod tests {
         ];
         for (error, reason) in cases {
             assert_eq!(outage_reason(&error), reason, "{error}");
+            assert!(OUTAGE_REASONS.contains(&reason), "{reason}");
         }
+        assert!(OUTAGE_REASONS.contains(&outage_reason(&StoreError::Unavailable("?".into()))));
+        assert!(
+            OUTAGE_REASONS.contains(&outage_reason(&StoreError::Unavailable(
+                "attempt to write a readonly database".into()
+            )))
+        );
     }
 }
