@@ -26,7 +26,7 @@ use serde_json::json;
 use subgate::{
     config::{ConfigSource, Settings},
     delivery::{
-        event::{canonical_event, ContactView, EventMeta, Outbound},
+        event::{canonical_event_json, new_event_id, ContactView, EventMeta, Outbound},
         Worker,
     },
     store::{NewOutboxRow, Store},
@@ -97,7 +97,7 @@ fn bodies(n: usize) -> Vec<String> {
                     ..ContactView::default()
                 }),
             };
-            canonical_event(&meta, &outbound).to_string()
+            canonical_event_json(&new_event_id(), &meta, &outbound)
         })
         .collect()
 }

@@ -57,6 +57,7 @@ fn thread_cpu(name: &str) -> Option<f64> {
 async fn round(args: &Args, run: u64) -> anyhow::Result<(f64, f64, f64)> {
     let dir =
         std::env::temp_dir().join(format!("subgate-bench-ingest-{}-{run}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(
         &dir.join("bench.db"),
         SqliteSynchronous::Full,

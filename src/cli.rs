@@ -230,7 +230,8 @@ pub fn unsubscribe_link(settings: &Settings, email: &str) -> Result<String, Stri
     let address = crate::consent::Normaliser::new(&settings.consent.default_region)?
         .address(crate::consent::Channel::Email, email)
         .map_err(|m| format!("--email: {m}"))?;
-    let token = crate::sources::consents::sign_link(secret.as_bytes(), &address);
+    let token = crate::sources::consents::sign_link(secret.as_bytes(), &address)
+        .ok_or("cannot make the link: the system's random source failed")?;
     Ok(format!(
         "{}/u/{token}",
         settings.consent.link_base_url.trim_end_matches('/')

@@ -29,6 +29,20 @@ pub enum ConfigError {
     Invalid { key: String, message: String },
 }
 
+/// Every name must be one of `valid` (the sources or kinds the code emits): a typo in a filter
+/// would otherwise silently match nothing.
+fn check_names(key: &str, what: &str, names: &[String], valid: &[&str]) -> Result<(), ConfigError> {
+    for name in names {
+        if !valid.contains(&name.as_str()) {
+            let hint = crate::sources::nearest(name, valid)
+                .map(|n| format!("; did you mean {n:?}?"))
+                .unwrap_or_default();
+            return Err(invalid(key, format!("unknown {what} {name:?}{hint}")));
+        }
+    }
+    Ok(())
+}
+
 fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.to_owned(),
@@ -631,6 +645,30 @@ impl Settings {
                     &key("timeout"),
                     "must be more than 0 and less than delivery.lease",
                 ));
+            }
+            check_names(
+                &key("sources"),
+                "source",
+                &d.sources,
+                crate::sources::SOURCES,
+            )?;
+            check_names(&key("kinds"), "kind", &d.kinds, crate::sources::KINDS)?;
+            if let Some(e) = &d.emarsys {
+                let kinds: Vec<String> = e.event_ids.keys().cloned().collect();
+                check_names(
+                    &key("emarsys.event_ids"),
+                    "kind",
+                    &kinds,
+                    crate::sources::KINDS,
+                )?;
+                for (kind, id) in &e.event_ids {
+                    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err(invalid(
+                            &key("emarsys.event_ids"),
+                            format!("{kind:?}: the Emarsys event id must be a number, not {id:?}"),
+                        ));
+                    }
+                }
             }
             if d.emarsys.is_some() && d.kind != DestinationKind::Emarsys {
                 return Err(invalid(&key("emarsys"), "only for kind = \"emarsys\""));
@@ -1290,8 +1328,66 @@ kind = "emarsys"
 secret_env = "EMARSYS_SECRET"
 [destinations.emarsys]
 user = "company001"
-event_ids = { "order.created" = "77" }
+event_ids = { "order.changed" = "77" }
 "#;
+
+    #[test]
+    fn unknown_sources_kinds_and_event_ids_in_filters_name_the_key_and_the_nearest_name() {
+        let destination = |extra: &str| {
+            format!(
+                "[[destinations]]\nname = \"crm\"\nkind = \"webhook\"\nurl = \"https://crm.example.com/h\"\nsecret = \"whsec_c2VjcmV0LW9uZQ==\"\n{extra}"
+            )
+        };
+        let err = |extra: &str| {
+            load(Some(&destination(extra)), &[])
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            err("sources = [\"erp\", \"akinn\"]\n"),
+            "config key `destinations[0].sources`: unknown source \"akinn\"; did you mean \"akinon\"?"
+        );
+        assert_eq!(
+            err("kinds = [\"customer.change\"]\n"),
+            "config key `destinations[0].kinds`: unknown kind \"customer.change\"; did you mean \"customer.changed\"?"
+        );
+        let emarsys = "[[destinations]]\nname = \"em\"\nkind = \"emarsys\"\nsecret = \"s\"\n[destinations.emarsys]\nuser = \"u\"\n";
+        let e = load(
+            Some(&format!(
+                "{emarsys}event_ids = {{ \"order.created\" = \"7\" }}\n"
+            )),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "config key `destinations[0].emarsys.event_ids`: unknown kind \"order.created\"; did you mean \"order.changed\"?"
+        );
+        let e = load(
+            Some(&format!(
+                "{emarsys}event_ids = {{ \"order.changed\" = \"x7\" }}\n"
+            )),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("destinations[0].emarsys.event_ids"), "{e}");
+        // Every emitted name is accepted.
+        let all = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let ok = destination(&format!(
+            "sources = [{}]\nkinds = [{}]\n",
+            all(crate::sources::SOURCES),
+            all(crate::sources::KINDS)
+        ));
+        load(Some(&ok), &[]).unwrap();
+    }
 
     #[test]
     fn destinations_load_with_defaults_and_secret_env() {
@@ -1312,7 +1408,7 @@ event_ids = { "order.created" = "77" }
         assert_eq!(em.schedule(&s.delivery).len(), 10);
         let e = em.emarsys();
         assert_eq!((e.key_id.as_str(), e.key_field()), ("3", Some("email")));
-        assert_eq!(e.event_ids["order.created"], "77");
+        assert_eq!(e.event_ids["order.changed"], "77");
         assert_eq!(s.destination_url(em), "https://api.emarsys.net");
     }
 

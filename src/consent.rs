@@ -124,7 +124,9 @@ impl Normaliser {
         code.parse::<phonenumber::country::Id>()
             .map(|region| Normaliser { region })
             .map_err(|_| {
-                format!("unknown region {default_region:?}: an ISO 3166 alpha-2 code (TR, RU, KZ, …)")
+                format!(
+                    "unknown region {default_region:?}: an ISO 3166 alpha-2 code (TR, RU, KZ, …)"
+                )
             })
     }
 
@@ -286,7 +288,12 @@ mod tests {
     #[test]
     fn russian_and_kazakh_trunk_prefix_8_is_read_by_the_numbering_plan() {
         let ru = Normaliser::new("RU").unwrap();
-        for raw in ["8 912 345-67-89", "89123456789", "+7 912 345 67 89", "9123456789"] {
+        for raw in [
+            "8 912 345-67-89",
+            "89123456789",
+            "+7 912 345 67 89",
+            "9123456789",
+        ] {
             assert_eq!(ru.phone(raw).unwrap(), "+79123456789", "{raw}");
         }
         let kz = Normaliser::new("KZ").unwrap();

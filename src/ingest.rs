@@ -202,13 +202,7 @@ pub fn start_with_routes(
         .name("subgate-ingest".into())
         .spawn(move || run_writer(store, routes, rx, batch_max, batch_wait, outage, runtime))
         .unwrap_or_else(|e| panic!("cannot spawn the ingest writer thread: {e}"));
-    (
-        Ingest {
-            jobs,
-            outage: down,
-        },
-        IngestWriter { thread },
-    )
+    (Ingest { jobs, outage: down }, IngestWriter { thread })
 }
 
 /// The writer's view of whether the store takes writes, published to readiness and metrics.
@@ -279,6 +273,19 @@ impl Outage {
         self.delay.mul_f64(0.8 + fastrand::f64() * 0.4)
     }
 }
+
+/// Every value [`outage_reason`] answers (the `subgate_commit_failures_total` labels).
+pub const OUTAGE_REASONS: &[&str] = &[
+    "conflict",
+    "disk full",
+    "connection refused",
+    "database locked",
+    "read-only",
+    "I/O error",
+    "server restarting",
+    "connection lost",
+    "unavailable",
+];
 
 /// A short name for why the store cannot write: the readiness reason and the metric label.
 pub fn outage_reason(e: &StoreError) -> &'static str {
@@ -851,6 +858,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_event_is_rejected_alone_and_the_rest_of_its_batch_commits() {
         let dir = std::env::temp_dir().join(format!("subgate-ingest-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.join("i.db"), SqliteSynchronous::Normal).unwrap());
         store.migrate().unwrap();
@@ -903,6 +911,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_event_that_panics_is_rejected_alone_and_its_batch_commits_without_it() {
         let dir = std::env::temp_dir().join(format!("subgate-ingest-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
         let store: Arc<dyn Store> =
             Arc::new(SqliteStore::open(&dir.join("i.db"), SqliteSynchronous::Normal).unwrap());
         store.migrate().unwrap();
@@ -957,6 +966,13 @@ mod tests {
         ];
         for (error, reason) in cases {
             assert_eq!(outage_reason(&error), reason, "{error}");
+            assert!(OUTAGE_REASONS.contains(&reason), "{reason}");
         }
+        assert!(OUTAGE_REASONS.contains(&outage_reason(&StoreError::Unavailable("?".into()))));
+        assert!(
+            OUTAGE_REASONS.contains(&outage_reason(&StoreError::Unavailable(
+                "attempt to write a readonly database".into()
+            )))
+        );
     }
 }

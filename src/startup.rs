@@ -150,6 +150,10 @@ impl Application {
             tokio::runtime::Handle::current(),
         );
         let queues = queue_specs(&settings)?;
+        telemetry::register_series(
+            &settings,
+            &queues.iter().map(|q| q.queue.clone()).collect::<Vec<_>>(),
+        );
         for q in &queues {
             health.set(&q.component(), false, "connecting");
         }

@@ -13,7 +13,7 @@ use amqprs::{
 };
 use tokio::sync::mpsc;
 
-use super::{event::event_id, retry::Verdict, worker::SendResult, Budget};
+use super::{event::payload_event_id, retry::Verdict, worker::SendResult, Budget};
 use crate::{sources::amqp::BrokerAddress, store::OutboxRow};
 
 /// What the broker said about published messages.
@@ -184,7 +184,13 @@ impl AmqpTransport {
             budget.acquire().await;
             let mut headers = FieldTable::new();
             if let Ok(name) = "x-subgate-event-id".try_into() {
-                headers.insert(name, FieldValue::from(event_id(row.inbox_id)));
+                headers.insert(
+                    name,
+                    FieldValue::from(
+                        payload_event_id(&row.payload)
+                            .unwrap_or_else(|| format!("evt_{}", row.inbox_id)),
+                    ),
+                );
             }
             let mut props = BasicProperties::default();
             props

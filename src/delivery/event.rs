@@ -93,10 +93,53 @@ impl ContactView {
     }
 }
 
-/// The event id: stable for one inbox event, so a retry or a replay carries the same id
-/// (`webhook-id`) and receivers can drop what they already have.
-pub fn event_id(inbox_id: i64) -> String {
-    format!("evt_{inbox_id}")
+/// A new event id: a UUIDv7 (RFC 9562: 48 bits of Unix milliseconds, then 74 random bits
+/// from the system's random source), unique across instances, stores and restores. It is
+/// written into the event's stored payload once, when the outbox rows are written, so every
+/// retry and replay carries the same id (`webhook-id`) and receivers can drop what they
+/// already have.
+pub fn new_event_id() -> String {
+    uuid_v7(crate::clock::now_ms())
+}
+
+fn uuid_v7(unix_ms: i64) -> String {
+    let mut bytes = [0u8; 16];
+    if aws_lc_rs::rand::fill(&mut bytes[6..]).is_err() {
+        // Not expected; the ids stay unique in practice (fastrand is seeded per thread).
+        fastrand::fill(&mut bytes[6..]);
+    }
+    let ms = u64::try_from(unix_ms).unwrap_or(0).to_be_bytes();
+    bytes[..6].copy_from_slice(&ms[2..]);
+    bytes[6] = 0x70 | (bytes[6] & 0x0f);
+    bytes[8] = 0x80 | (bytes[8] & 0x3f);
+    let hex = crate::hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
+}
+
+/// The id of a stored event payload: its `"id"` (a UUIDv7; `evt_<inbox id>` in payloads
+/// written before ids were UUIDs). Read from the front of the payload when it is there, which is
+/// where [`canonical_event_json`] puts it; else by parsing.
+pub fn payload_event_id(payload: &str) -> Option<String> {
+    if let Some(rest) = payload.strip_prefix("{\"id\":\"") {
+        if let Some(end) = rest.find('"') {
+            let id = &rest[..end];
+            if !id.contains('\\') {
+                return Some(id.to_owned());
+            }
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: Option<String>,
+    }
+    serde_json::from_str::<Id>(payload).ok()?.id
 }
 
 /// Metadata of the envelope the event comes from.
@@ -110,10 +153,27 @@ pub struct EventMeta<'a> {
     pub received_at: i64,
 }
 
+/// The canonical event, serialised with `"id"` first (so a worker reads it without parsing).
+pub fn canonical_event_json(id: &str, meta: &EventMeta<'_>, outbound: &Outbound) -> String {
+    let mut event = canonical_event(id, meta, outbound);
+    let body = match event.as_object_mut() {
+        Some(map) => {
+            map.remove("id");
+            event.to_string()
+        }
+        None => return event.to_string(),
+    };
+    match body.strip_prefix('{') {
+        Some("}") => format!("{{\"id\":{}}}", Value::from(id)),
+        Some(rest) => format!("{{\"id\":{},{rest}", Value::from(id)),
+        None => body,
+    }
+}
+
 /// The canonical event JSON.
-pub fn canonical_event(meta: &EventMeta<'_>, outbound: &Outbound) -> Value {
+pub fn canonical_event(id: &str, meta: &EventMeta<'_>, outbound: &Outbound) -> Value {
     let mut event = json!({
-        "id": event_id(meta.inbox_id),
+        "id": id,
         "type": meta.kind,
         "source": meta.source,
         "entity": meta.entity,
@@ -154,8 +214,14 @@ mod tests {
                 ..ContactView::default()
             }),
         };
-        let e = canonical_event(&meta, &outbound);
-        assert_eq!(e["id"], "evt_42");
+        let id = new_event_id();
+        let text = canonical_event_json(&id, &meta, &outbound);
+        assert!(text.starts_with(&format!("{{\"id\":\"{id}\",")), "{text}");
+        assert_eq!(payload_event_id(&text).as_deref(), Some(id.as_str()));
+        let e: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(e, canonical_event(&id, &meta, &outbound));
+        assert_eq!(e["id"], id.as_str());
+        assert_eq!(e["inbox_id"], 42);
         assert_eq!(e["type"], "customer.changed");
         assert_eq!(e["occurred_at"], Value::Null);
         assert_eq!(e["received_at"], "1970-01-01T00:00:00.000Z");
@@ -163,6 +229,7 @@ mod tests {
         assert_eq!(e["record"], "erp:customer:134719");
         assert_eq!(e["contact"], json!({"email": "a@example.com"}));
         let without = canonical_event(
+            &id,
             &meta,
             &Outbound {
                 contact: None,
@@ -170,5 +237,38 @@ mod tests {
             },
         );
         assert!(without.get("contact").is_none());
+    }
+
+    #[test]
+    fn event_ids_are_uuid_v7_and_distinct() {
+        let id = uuid_v7(1_717_200_000_000);
+        assert_eq!(id.len(), 36);
+        let parts: Vec<&str> = id.split('-').collect();
+        assert_eq!(
+            parts.iter().map(|p| p.len()).collect::<Vec<_>>(),
+            [8, 4, 4, 4, 12]
+        );
+        // 48 bits of milliseconds, version 7, variant 10.
+        assert_eq!(
+            u64::from_str_radix(&format!("{}{}", parts[0], parts[1]), 16).unwrap(),
+            1_717_200_000_000
+        );
+        assert!(parts[2].starts_with('7'), "{id}");
+        assert!(matches!(&parts[3][..1], "8" | "9" | "a" | "b"), "{id}");
+        let many: std::collections::HashSet<String> = (0..10_000).map(|_| new_event_id()).collect();
+        assert_eq!(many.len(), 10_000);
+    }
+
+    #[test]
+    fn the_id_of_older_and_reserialised_payloads_is_read_by_parsing() {
+        assert_eq!(
+            payload_event_id(r#"{"contact":{"id":"x"},"data":{"id":"d"},"id":"evt_7"}"#).as_deref(),
+            Some("evt_7")
+        );
+        assert_eq!(
+            payload_event_id(r#"{"id":"a\"b"}"#).as_deref(),
+            Some("a\"b")
+        );
+        assert_eq!(payload_event_id("not json"), None);
     }
 }

@@ -193,7 +193,7 @@ pub fn row_json(row: &crate::store::OutboxRow) -> serde_json::Value {
         "source": row.source,
         "kind": row.kind,
         "entity": row.entity,
-        "event_id": event::event_id(row.inbox_id),
+        "event_id": event::payload_event_id(&row.payload),
         "inbox_id": row.inbox_id,
         "attempts": row.attempts,
         "created_at": to_rfc3339(row.created_at),

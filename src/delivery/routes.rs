@@ -7,7 +7,7 @@ use crate::{
     config::{DestinationKind, Settings},
     delivery::{
         contact::{contact_key, with_ledger},
-        event::{canonical_event, record_key, EventMeta, Outbound},
+        event::{canonical_event_json, new_event_id, record_key, EventMeta, Outbound},
         retry::schedule_text,
     },
     envelope::Envelope,
@@ -121,7 +121,7 @@ impl OutboxRoutes {
                     occurred_at: env.occurred_at,
                     received_at: env.received_at,
                 };
-                canonical_event(&meta, &outbound).to_string()
+                canonical_event_json(&new_event_id(), &meta, &outbound)
             });
             let contact = outbound
                 .contact

@@ -12,7 +12,7 @@ use reqwest::header::{HeaderName, HeaderValue, InvalidHeaderValue, CONTENT_TYPE}
 use sha2::Sha256;
 
 use super::{
-    event::event_id,
+    event::payload_event_id,
     retry::{classify_status, parse_retry_after, Verdict},
     worker::{read_response, SendResult},
     Budget,
@@ -123,7 +123,8 @@ impl WebhookTransport {
     /// The request for one row: built directly (header names are constants, values are moved in,
     /// not parsed and copied as `RequestBuilder::header` does).
     fn request(&self, row: &OutboxRow) -> Result<reqwest::Request, InvalidHeaderValue> {
-        let id = event_id(row.inbox_id);
+        // Payloads always carry their id; the inbox id is a last resort for a damaged one.
+        let id = payload_event_id(&row.payload).unwrap_or_else(|| format!("evt_{}", row.inbox_id));
         let timestamp = chrono::Utc::now().timestamp().to_string();
         let signature = self.signer.sign(&id, &timestamp, row.payload.as_bytes());
         let mut request = reqwest::Request::new(reqwest::Method::POST, self.url.clone());

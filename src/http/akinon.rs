@@ -439,13 +439,15 @@ fn window(params: &[(String, String)], max_range_ms: i64) -> Result<(i64, i64), 
             ));
             return None;
         };
-        // An unencoded `+` of an offset arrives as a space.
-        let parsed = parse_datetime(text).or_else(|| parse_datetime(&text.replace(' ', "+")));
+        // An unencoded `+` of an offset arrives as a space; a date alone is its midnight UTC.
+        let parsed = parse_datetime(text)
+            .or_else(|| parse_datetime(&text.replace(' ', "+")))
+            .or_else(|| date_only(text));
         if parsed.is_none() {
             errors.push(FieldError::new(
                 "invalid_field",
                 name,
-                "must be an ISO 8601 date-time (e.g. 2024-06-01T10:00:00Z)",
+                "must be an ISO 8601 date-time (e.g. 2024-06-01T10:00:00Z) or date (2024-06-01)",
             ));
         }
         parsed
@@ -475,6 +477,12 @@ fn window(params: &[(String, String)], max_range_ms: i64) -> Result<(i64, i64), 
         )]);
     }
     Ok((from, to))
+}
+
+/// A date without a time (`2024-06-01`) → Unix ms of 00:00 UTC that day.
+fn date_only(text: &str) -> Option<i64> {
+    let date = chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").ok()?;
+    Some(date.and_hms_opt(0, 0, 0)?.and_utc().timestamp_millis())
 }
 
 /// The `unsubscribed-users` answer: per channel, the addresses in the form Commerce last sent.
@@ -676,6 +684,28 @@ mod tests {
                 day
             ),
             Ok((1_717_236_000_000, 1_717_239_600_000))
+        );
+        // Dates alone are midnight UTC: fromDate=2024-06-01&toDate=2024-06-02 is that day.
+        assert_eq!(
+            window(
+                &params(&[("fromDate", "2024-06-01"), ("toDate", "2024-06-02")]),
+                day
+            ),
+            Ok((1_717_200_000_000, 1_717_286_400_000))
+        );
+        assert_eq!(
+            window(
+                &params(&[
+                    ("fromDate", "2024-06-01"),
+                    ("toDate", "2024-06-01T12:00:00Z")
+                ]),
+                day
+            ),
+            Ok((1_717_200_000_000, 1_717_243_200_000))
+        );
+        assert_eq!(
+            fields(&[("fromDate", "2024-06-31"), ("toDate", "2024-07-01")]),
+            [("invalid_field", "fromDate".into())]
         );
     }
 

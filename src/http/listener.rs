@@ -479,6 +479,7 @@ mod tests {
     #[tokio::test]
     async fn a_draining_instance_answers_503_with_code_5_and_stores_nothing() {
         let dir = std::env::temp_dir().join(format!("subgate-drain-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
         let mut settings = crate::config::Settings::defaults().unwrap();
         settings.store.url = format!("sqlite://{}", dir.join("subgate.db").display());
         settings.listener.enabled = true;

@@ -140,31 +140,89 @@ impl ConsentReport {
     }
 }
 
-/// The token of a one-click unsubscribe link: `base64url(channel:address).base64url(hmac)`,
-/// the HMAC-SHA256 over `v1:channel:address` with `consent.link_secret`.
-pub fn sign_link(secret: &[u8], address: &Address) -> String {
-    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-    let payload = format!("{}:{}", address.channel, address.normalised);
-    let mac = hmac_sha256(secret, format!("v1:{payload}").as_bytes());
-    format!("{}.{}", b64.encode(payload), b64.encode(mac))
+/// Version byte of the current token format.
+const LINK_V2: u8 = 2;
+const NONCE_LEN: usize = aws_lc_rs::aead::NONCE_LEN;
+/// Associated data of every v2 token: binds the ciphertext to its use.
+const LINK_AAD: &[u8] = b"subgate unsubscribe link v2";
+
+/// The AES-256-GCM key of v2 tokens, derived from `consent.link_secret` (domain-separated, so
+/// the secret itself is never the cipher key).
+fn link_key(secret: &[u8]) -> Option<aws_lc_rs::aead::LessSafeKey> {
+    let key = hmac_sha256(secret, b"subgate unsubscribe link v2 key");
+    let key = aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &key).ok()?;
+    Some(aws_lc_rs::aead::LessSafeKey::new(key))
 }
 
-/// The `(channel, normalised address)` a token was signed for, or `None` when it was not
-/// signed with this secret (tampered, truncated, another key).
+/// The token of a one-click unsubscribe link (v2): opaque and signed,
+/// `base64url(0x02 ‖ nonce ‖ AES-256-GCM(channel:address) ‖ tag)` under a key derived from
+/// `consent.link_secret`, with a fresh random 96-bit nonce per link. It does not reveal the
+/// address; altering any byte fails the tag. `None` only if the system's random source fails.
+pub fn sign_link(secret: &[u8], address: &Address) -> Option<String> {
+    use aws_lc_rs::aead::{Aad, Nonce};
+    let key = link_key(secret)?;
+    let mut nonce = [0u8; NONCE_LEN];
+    aws_lc_rs::rand::fill(&mut nonce).ok()?;
+    let mut sealed = format!("{}:{}", address.channel, address.normalised).into_bytes();
+    key.seal_in_place_append_tag(
+        Nonce::assume_unique_for_key(nonce),
+        Aad::from(LINK_AAD),
+        &mut sealed,
+    )
+    .ok()?;
+    let mut token = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+    token.push(LINK_V2);
+    token.extend_from_slice(&nonce);
+    token.extend_from_slice(&sealed);
+    Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token))
+}
+
+/// The `(channel, normalised address)` a token was made for, or `None` when it was not made
+/// with this secret (tampered, truncated, another key). Accepts the current opaque tokens
+/// (v2, no `.`) and the signed-only v1 tokens (`base64url(channel:address).base64url(hmac)`)
+/// of links already sent out.
 pub fn verify_link(secret: &[u8], token: &str) -> Option<(Channel, String)> {
     if secret.is_empty() {
         return None;
     }
+    let payload = if token.contains('.') {
+        verify_link_v1(secret, token)?
+    } else {
+        open_link_v2(secret, token)?
+    };
+    let (channel, address) = payload.split_once(':')?;
+    Some((Channel::parse(channel)?, address.to_owned()))
+}
+
+fn open_link_v2(secret: &[u8], token: &str) -> Option<String> {
+    use aws_lc_rs::aead::{Aad, Nonce};
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(token)
+        .ok()?;
+    let (&version, rest) = bytes.split_first()?;
+    if version != LINK_V2 || rest.len() < NONCE_LEN {
+        return None;
+    }
+    let (nonce, sealed) = rest.split_at(NONCE_LEN);
+    let mut sealed = sealed.to_vec();
+    let plain = link_key(secret)?
+        .open_in_place(
+            Nonce::try_assume_unique_for_key(nonce).ok()?,
+            Aad::from(LINK_AAD),
+            &mut sealed,
+        )
+        .ok()?;
+    String::from_utf8(plain.to_vec()).ok()
+}
+
+/// v1: the payload in the clear, HMAC-SHA256 over `v1:channel:address`.
+fn verify_link_v1(secret: &[u8], token: &str) -> Option<String> {
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let (payload, mac) = token.split_once('.')?;
     let payload = String::from_utf8(b64.decode(payload).ok()?).ok()?;
     let mac = b64.decode(mac).ok()?;
     let expected = hmac_sha256(secret, format!("v1:{payload}").as_bytes());
-    if !constant_time_eq(&mac, &expected) {
-        return None;
-    }
-    let (channel, address) = payload.split_once(':')?;
-    Some((Channel::parse(channel)?, address.to_owned()))
+    constant_time_eq(&mac, &expected).then_some(payload)
 }
 
 /// HMAC-SHA256 (RFC 2104).
@@ -199,18 +257,50 @@ mod tests {
     }
 
     #[test]
-    fn signed_links_verify_and_tampered_ones_do_not() {
+    fn links_are_opaque_verify_and_tampered_ones_do_not() {
         let n = Normaliser::new("TR").unwrap();
         let address = n.address(Channel::Email, "User@Example.com").unwrap();
-        let token = sign_link(b"k", &address);
+        let token = sign_link(b"k", &address).unwrap();
+        assert_eq!(
+            verify_link(b"k", &token),
+            Some((Channel::Email, "user@example.com".into()))
+        );
+        // Opaque: neither the address nor its base64 appears, and no two links are alike.
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let raw = b64.decode(&token).unwrap();
+        assert!(!raw.windows(16).any(|w| w == b"user@example.com"));
+        assert!(!token.contains(&b64.encode("email:user@example.com")[..12]));
+        assert!(!token.contains('.'));
+        assert_ne!(sign_link(b"k", &address).unwrap(), token);
+        assert_eq!(verify_link(b"other key", &token), None);
+        assert_eq!(verify_link(b"", &token), None);
+        // Every byte is covered by the tag.
+        for at in 0..raw.len() {
+            let mut forged = raw.clone();
+            forged[at] ^= 1;
+            assert_eq!(verify_link(b"k", &b64.encode(&forged)), None, "byte {at}");
+        }
+        assert_eq!(verify_link(b"k", &b64.encode(&raw[..raw.len() - 1])), None);
+        assert_eq!(verify_link(b"k", &format!("{token}x")), None);
+        assert_eq!(verify_link(b"k", ""), None);
+    }
+
+    /// v1 tokens, signed but readable, were sent in messages before v2: they keep working
+    /// (an unsubscribe link must work for as long as the message is read).
+    #[test]
+    fn v1_signed_links_still_verify_and_tampered_ones_do_not() {
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let v1 = |payload: &str| {
+            let mac = hmac_sha256(b"k", format!("v1:{payload}").as_bytes());
+            format!("{}.{}", b64.encode(payload), b64.encode(mac))
+        };
+        let token = v1("email:user@example.com");
         assert_eq!(
             verify_link(b"k", &token),
             Some((Channel::Email, "user@example.com".into()))
         );
         assert_eq!(verify_link(b"other key", &token), None);
-        assert_eq!(verify_link(b"", &token), None);
         let (payload, mac) = token.split_once('.').unwrap();
-        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let forged = format!("{}.{mac}", b64.encode("email:victim@example.com"));
         assert_eq!(verify_link(b"k", &forged), None);
         assert_eq!(verify_link(b"k", payload), None);

@@ -31,7 +31,7 @@ pub enum Feed {
 }
 
 impl Feed {
-    fn event_kind(self) -> &'static str {
+    pub(crate) fn event_kind(self) -> &'static str {
         match self {
             Feed::Customer => "customer.changed",
             Feed::Subscription => "subscription.changed",

@@ -512,10 +512,18 @@ pub struct DestinationStats {
 /// Open the backend `store.url` names.
 pub fn open(settings: &Settings) -> Result<std::sync::Arc<dyn Store>, StoreError> {
     match StoreUrl::parse(&settings.store.url).map_err(|e| StoreError::Failed(e.to_string()))? {
-        StoreUrl::Sqlite(path) => Ok(std::sync::Arc::new(sqlite::SqliteStore::open(
-            &path,
-            settings.store.sqlite_synchronous,
-        )?)),
+        StoreUrl::Sqlite(path) => {
+            if let Some(dir) = sqlite::missing_directory(&path) {
+                return Err(StoreError::Failed(format!(
+                    "store.url: the directory {} does not exist (subgate does not create it)",
+                    dir.display()
+                )));
+            }
+            Ok(std::sync::Arc::new(sqlite::SqliteStore::open(
+                &path,
+                settings.store.sqlite_synchronous,
+            )?))
+        }
         StoreUrl::Postgres(url) => {
             let options = postgres::PostgresOptions {
                 pool_size: settings.store.pool_size,

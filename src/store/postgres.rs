@@ -25,8 +25,8 @@ use std::{
 };
 
 use postgres::{config::SslMode, error::SqlState, types::ToSql, Client, NoTls, Row, Statement};
-use tokio_postgres_rustls::MakeRustlsConnect;
 use serde_json::Value;
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::{
     AttemptRecord, AttemptRow, ClaimRequest, DeliveryFilter, DeliveryState, DestinationStats,
@@ -115,6 +115,17 @@ impl Connector {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
+        // The crate logs NOTICEs at info ('relation "schema_migrations" already exists,
+        // skipping' on every start): they are the server's chatter, not the operator's news.
+        config.notice_callback(|notice| {
+            tracing::debug!(
+                target: "subgate::store::postgres::notice",
+                severity = notice.severity(),
+                code = notice.code().code(),
+                "{}",
+                notice.message()
+            );
+        });
         // TLS only when asked for: without `sslmode` the postgres crate would "prefer" TLS,
         // and a server with a certificate we cannot verify would then refuse us.
         let asked = url.contains("sslmode=") && config.get_ssl_mode() != SslMode::Disable;
@@ -223,7 +234,6 @@ impl Default for PostgresOptions {
 }
 
 impl Conn {
-
     fn statement(&mut self, sql: &'static str) -> Result<Statement, StoreError> {
         if let Some(s) = self.statements.get(sql) {
             return Ok(s.clone());
@@ -1676,7 +1686,10 @@ mod tests {
 
     fn uses_tls(conn: &mut Conn) -> bool {
         conn.client
-            .query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[])
+            .query_one(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                &[],
+            )
             .and_then(|r| r.try_get(0))
             .unwrap_or(false)
     }
@@ -1719,7 +1732,10 @@ mod tests {
         assert!(uses_tls(&mut conn), "the session is encrypted");
 
         let untrusted = Connector::new(tls_url, &options(Duration::ZERO, "")).unwrap();
-        let refused = untrusted.connect().err().expect("an unknown issuer is refused");
+        let refused = untrusted
+            .connect()
+            .err()
+            .expect("an unknown issuer is refused");
         assert!(
             refused.message().contains("certificate"),
             "the error says why: {refused}"
@@ -1785,6 +1801,9 @@ mod tests {
             .batch_execute(&format!("DROP DATABASE {name} WITH (FORCE)"))
             .unwrap();
         assert!(peak >= 2, "the readers ran ({peak} sessions seen)");
-        assert!(peak <= 3, "the writer and at most pool_size readers: {peak}");
+        assert!(
+            peak <= 3,
+            "the writer and at most pool_size readers: {peak}"
+        );
     }
 }

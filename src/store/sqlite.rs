@@ -123,10 +123,13 @@ impl From<rusqlite::Error> for StoreError {
 
 impl SqliteStore {
     pub fn open(path: &Path, synchronous: SqliteSynchronous) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
-            })?;
+        // The directory is the operator's: a typo in the path must not silently create a
+        // fresh, empty store somewhere else.
+        if let Some(dir) = missing_directory(path) {
+            return Err(StoreError::Failed(format!(
+                "the directory {} does not exist",
+                dir.display()
+            )));
         }
         let writer = open_connection(path, synchronous)?;
         // Turning autocheckpoint off removes SQLite's own WAL hook; ours only counts frames.
@@ -197,6 +200,13 @@ fn finish_checkpoint(conn: &Connection) {
 
 fn poisoned<T>(_: T) -> StoreError {
     StoreError::Failed("store lock poisoned by an earlier panic".into())
+}
+
+/// The parent directory of a database path when it does not exist (`subgate.db`, a bare file
+/// name, lives in the current directory, which always exists).
+pub fn missing_directory(path: &Path) -> Option<&Path> {
+    path.parent()
+        .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
 }
 
 fn open_connection(path: &Path, synchronous: SqliteSynchronous) -> Result<Connection, StoreError> {

@@ -285,6 +285,7 @@ mod tests {
     #[test]
     fn commits_after_rebalancing_skip_the_page_cache_walk_and_lose_nothing() {
         let dir = std::env::temp_dir().join(format!("subgate-pcache-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("p.db");
         let store = SqliteStore::open(&path, SqliteSynchronous::Full).unwrap();
         store.migrate().unwrap();

@@ -692,6 +692,17 @@ async fn unsubscribed_users_lists_outside_opt_outs_still_in_effect() {
     let (_, early) = unsubscribed(&app, "2024-06-01T09:00:00Z", "2024-06-01T10:10:00Z").await;
     assert_eq!(early["emailUnsubscribed"], json!([]));
     assert_eq!(early["callUnsubscribed"], json!(["+905359999999"]));
+    // Dates alone are midnight UTC: the whole of 1 June.
+    let (status, day) = unsubscribed(&app, "2024-06-01", "2024-06-02").await;
+    assert_eq!(status, 200, "{day}");
+    let mut emails: Vec<String> = serde_json::from_value(day["emailUnsubscribed"].clone()).unwrap();
+    emails.sort();
+    assert_eq!(emails, ["late@example.com", "user@example.com"]);
+    assert_eq!(day["smsUnsubscribed"], json!(["05351234567"]));
+    assert_eq!(day["callUnsubscribed"], json!(["+905359999999"]));
+    // A date-only toDate is exclusive: nothing of 1 June is in the window that ends there.
+    let (_, before) = unsubscribed(&app, "2024-05-31", "2024-06-01").await;
+    assert_eq!(before["emailUnsubscribed"], json!([]));
     app.stop().await.unwrap();
 }
 

@@ -78,6 +78,7 @@ fn missing_config_file_and_unknown_key_exit_2() {
 #[test]
 fn migrate_creates_the_schema_and_is_idempotent() {
     let dir = std::env::temp_dir().join(format!("subgate-migrate-{}", fastrand::u32(..)));
+    std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}", dir.join("m.db").display());
     let env = [("SUBGATE__STORE__URL", url.as_str())];
     let first = subgate(&["migrate"], &env);
@@ -134,4 +135,110 @@ fn startup_failure_after_the_store_is_open_exits_1_with_one_line_on_both_backend
             "{url}: {err}"
         );
     }
+}
+
+#[test]
+fn a_missing_sqlite_directory_is_an_error_naming_store_url_and_is_not_created() {
+    let parent = std::env::temp_dir().join(format!("subgate-nodir-{}", fastrand::u32(..)));
+    std::fs::create_dir_all(&parent).unwrap();
+    let missing = parent.join("typo");
+    let url = format!("sqlite://{}", missing.join("s.db").display());
+    let o = subgate(
+        &["migrate"],
+        &[
+            ("SUBGATE__STORE__URL", url.as_str()),
+            ("SUBGATE__LOG__LEVEL", "off"),
+        ],
+    );
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("store.url"), "{err}");
+    assert!(
+        err.contains(&format!("{} does not exist", missing.display())),
+        "{err}"
+    );
+    assert!(!missing.exists(), "the directory was created");
+
+    // The default, `subgate.db` in the current directory, needs no directory of its own.
+    let o = Command::new(env!("CARGO_BIN_EXE_subgate"))
+        .arg("migrate")
+        .current_dir(&parent)
+        .env_remove("SUBGATE__STORE__URL")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(parent.join("subgate.db").is_file());
+    std::fs::remove_dir_all(&parent).ok();
+}
+
+#[test]
+fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let o = subgate(
+        &["migrate"],
+        &[
+            (
+                "SUBGATE__STORE__URL",
+                "sqlite:///nonexistent-subgate-dir/s.db",
+            ),
+            ("SUBGATE__LOG__LEVEL", "info"),
+            ("SUBGATE__LOG__FORMAT", "pretty"),
+        ],
+    );
+    let err = stderr(&o);
+    // The fatal log line and the error line.
+    assert!(err.contains("fatal"), "{err}");
+    assert!(!err.contains('\u{1b}'), "{err:?}");
+}
+
+#[test]
+fn postgresql_notices_are_logged_at_debug_not_info() {
+    let url = crate::store_conformance::fresh_postgres_database();
+    let env = [
+        ("SUBGATE__STORE__URL", url.as_str()),
+        ("SUBGATE__LOG__LEVEL", "info"),
+    ];
+    for _ in 0..2 {
+        // The second run meets `schema_migrations` already there: the server sends a NOTICE.
+        let o = subgate(&["migrate"], &env);
+        let err = stderr(&o);
+        assert!(o.status.success(), "{err}");
+        assert!(!err.contains("NOTICE"), "{err}");
+        assert!(!err.contains("already exists"), "{err}");
+    }
+    let o = subgate(
+        &["migrate"],
+        &[
+            ("SUBGATE__STORE__URL", url.as_str()),
+            (
+                "SUBGATE__LOG__LEVEL",
+                "subgate::store::postgres::notice=debug",
+            ),
+        ],
+    );
+    let err = stderr(&o);
+    assert!(
+        err.contains("already exists"),
+        "at debug the notice is there: {err}"
+    );
+}
+
+#[test]
+fn config_check_rejects_an_unknown_source_in_a_destination_filter_with_a_suggestion() {
+    let o = subgate(
+        &["config", "check"],
+        &[(
+            "SUBGATE__DESTINATIONS",
+            r#"[{name="crm", kind="webhook", url="https://crm.example.com/h", secret="whsec_c2VjcmV0LW9uZQ==", sources=["akinn"]}]"#,
+        )],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(
+            r#"`destinations[0].sources`: unknown source "akinn"; did you mean "akinon"?"#
+        ),
+        "{err}"
+    );
 }

@@ -403,7 +403,7 @@ async fn one_click_unsubscribe_reaches_emarsys_as_opt_out() {
     let address = normaliser
         .address(Channel::Email, "User@Example.com")
         .unwrap();
-    let token = subgate::sources::consents::sign_link(LINK_SECRET.as_bytes(), &address);
+    let token = subgate::sources::consents::sign_link(LINK_SECRET.as_bytes(), &address).unwrap();
     let r = app
         .http
         .post(app.url(&format!("/u/{token}")))

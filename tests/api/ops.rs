@@ -12,7 +12,79 @@ async fn healthz_metrics_and_openapi_answer() {
     assert!(doc["paths"]["/api/v1/erp/customers/{id}"].is_object());
 
     let metrics = app.metrics().await;
-    assert!(metrics.contains("# TYPE") || metrics.is_empty());
+    // Every metric is described, and the counters of known label sets are there from the
+    // start (another app of this test process may have counted some already).
+    for (name, kind) in [
+        ("subgate_committed_total", "counter"),
+        ("subgate_commit_failures_total", "counter"),
+        ("subgate_store_writable", "gauge"),
+        ("subgate_consent_reports_total", "counter"),
+        ("subgate_akinon_requests_total", "counter"),
+    ] {
+        assert!(
+            metrics.contains(&format!("# HELP {name} ")),
+            "{name} HELP\n{metrics}"
+        );
+        assert!(
+            metrics.contains(&format!("# TYPE {name} {kind}")),
+            "{name} TYPE\n{metrics}"
+        );
+    }
+    for series in [
+        r#"subgate_committed_total{source="akinon",status="rejected"} "#,
+        r#"subgate_committed_total{source="unsubscribe_link",status="applied"} "#,
+        r#"subgate_commit_failures_total{reason="disk full"} "#,
+        r#"subgate_consent_reports_total{via="link"} "#,
+    ] {
+        assert!(metrics.contains(series), "{series} missing\n{metrics}");
+    }
+    app.stop().await.unwrap();
+}
+
+/// A scrape right after start shows the series of what is configured, at 0: per queue, per
+/// destination (queue and destination names are this test's own, so the values are exact).
+#[tokio::test]
+async fn metrics_show_every_configured_series_at_zero_right_after_start() {
+    let queue = format!("ops-metrics-{:08x}", fastrand::u32(..));
+    let subscriptions = format!("{queue}-subs");
+    let destination = format!("d{:08x}", fastrand::u32(..));
+    let list = format!(
+        r#"[{{name="{destination}", kind="webhook", url="http://127.0.0.1:1/h", secret="whsec_c2VjcmV0LW9uZQ=="}}]"#
+    );
+    let app = spawn_app(&[
+        ("erp.enabled", "true"),
+        ("erp.customer_queue", queue.as_str()),
+        ("erp.subscription_queue", subscriptions.as_str()),
+        ("amqp.url", "amqp://guest:guest@127.0.0.1:1/%2f"),
+        ("destinations", list.as_str()),
+        ("delivery.enabled", "false"),
+    ])
+    .await;
+    let metrics = app.metrics().await;
+    for series in [
+        format!(r#"subgate_received_total{{queue="{queue}"}} 0"#),
+        format!(r#"subgate_requeued_total{{queue="{subscriptions}"}} 0"#),
+        format!(r#"subgate_consumer_connected{{queue="{queue}"}} 0"#),
+        format!(
+            r#"subgate_delivery_attempts_total{{destination="{destination}",outcome="dead"}} 0"#
+        ),
+        format!(r#"subgate_delivery_pending{{destination="{destination}"}} 0"#),
+        format!(r#"subgate_delivery_dead{{destination="{destination}"}} 0"#),
+        r#"subgate_committed_total{source="erp",status="applied"} "#.to_owned(),
+    ] {
+        let found = metrics
+            .lines()
+            .any(|l| l.starts_with(&series) || l == series);
+        assert!(found, "{series} missing\n{metrics}");
+    }
+    for name in [
+        "subgate_received_total",
+        "subgate_consumer_connected",
+        "subgate_delivery_attempts_total",
+        "subgate_delivery_pending",
+    ] {
+        assert!(metrics.contains(&format!("# HELP {name} ")), "{name}");
+    }
     app.stop().await.unwrap();
 }
 

@@ -286,8 +286,27 @@ async fn two_instances_deliver_each_outbox_row_once_in_per_entity_order() {
         }
     })
     .await;
-    // Anything sent twice would arrive within a poll or two.
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let by_instance = [
+        delivered_by(&instances[0], "crm").await,
+        delivered_by(&instances[1], "crm").await,
+    ];
+    // Both instances stop cleanly: whatever they had in flight is finished, so what the
+    // receiver saw is final (no waiting for a duplicate that might still come).
+    let mut instances = instances;
+    for instance in &mut instances {
+        instance.stop(30).await;
+    }
+    // And nothing is left to send: a worker's step claims nothing.
+    let settings = test_settings(&dir, &overrides);
+    let mut worker =
+        subgate::delivery::Worker::new(&settings, &settings.destinations[0], store.clone())
+            .expect("worker");
+    let report = worker.step().await.unwrap();
+    assert!(report.is_idle(), "{report:?}");
+    // It holds a handle of the synchronous PostgreSQL store: dropped off the runtime threads.
+    tokio::task::spawn_blocking(move || drop(worker))
+        .await
+        .unwrap();
     let seen = provider.seen();
     assert_eq!(seen.len(), total, "each row delivered once");
     let attempts = query(store.clone(), {
@@ -317,10 +336,6 @@ async fn two_instances_deliver_each_outbox_row_once_in_per_entity_order() {
         sorted.sort_unstable();
         assert_eq!(order, sorted, "{entity}: delivered in commit order");
     }
-    let by_instance = [
-        delivered_by(&instances[0], "crm").await,
-        delivered_by(&instances[1], "crm").await,
-    ];
     assert_eq!(by_instance.iter().sum::<u64>(), total as u64);
     assert!(
         by_instance.iter().all(|n| *n > 0),

@@ -212,6 +212,13 @@ impl Subgate {
         let _ = self.child.wait();
     }
 
+    /// SIGTERM, then wait (up to `secs`) for a clean exit: in-flight work drained.
+    pub async fn stop(&mut self, secs: u64) {
+        self.sigterm();
+        let status = self.wait_exit(secs).await;
+        assert!(status.success(), "subgate exited with {status}");
+    }
+
     fn sigterm(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])

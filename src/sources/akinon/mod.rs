@@ -50,7 +50,7 @@ impl Endpoint {
         &self.path()[1..]
     }
 
-    fn event_kind(self) -> &'static str {
+    pub(crate) fn event_kind(self) -> &'static str {
         match self {
             Endpoint::SubscribeEmail => "email.subscribed",
             Endpoint::SubscribeUser => "user.changed",
