@@ -291,8 +291,7 @@ async fn kill_9_five_times_while_draining_a_backlog_loses_and_duplicates_nothing
         0,
         "nothing dead-lettered"
     );
-    // The database the killed process was writing (through subgate's WAL-gathering VFS) reads
-    // back whole with SQLite's own VFS.
+    // The database the killed process was writing reads back whole from another connection.
     let conn = rusqlite::Connection::open_with_flags(
         dir.join("subgate.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
@@ -504,7 +503,10 @@ fn kill_9_during_cache_spilling_commits(synchronous: &str) {
     store.migrate().expect("migrations");
     let last = format!("{:06}", acked[acked.len() - 1]);
     assert!(
-        store.get_record("crash.txn", &last).expect("read").is_some(),
+        store
+            .get_record("crash.txn", &last)
+            .expect("read")
+            .is_some(),
         "the last acknowledged transaction's marker ({last}) reads back"
     );
     drop(store);
