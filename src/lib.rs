@@ -11,9 +11,7 @@
 //! - [`delivery`]: the outbox's workers: webhooks, Emarsys, AMQP republish, retries, replay;
 //! - [`http`]: the router: ops routes, the read API, HTTP sources (and HTTPS via rustls);
 //! - [`config`], [`cli`], [`startup`], [`telemetry`], [`health`], [`clock`]: running it.
-// No unsafe code, except the two modules that hand SQLite a VFS and a page cache
-// (`store::sqlite_vfs`, `store::sqlite_pcache`).
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 
 pub mod cli;
 pub mod clock;

@@ -14,10 +14,6 @@
 
 pub mod postgres;
 pub mod sqlite;
-#[allow(unsafe_code)]
-pub mod sqlite_pcache;
-#[allow(unsafe_code)]
-pub mod sqlite_vfs;
 
 use serde::Serialize;
 use serde_json::Value;

@@ -210,13 +210,11 @@ pub fn missing_directory(path: &Path) -> Option<&Path> {
 }
 
 fn open_connection(path: &Path, synchronous: SqliteSynchronous) -> Result<Connection, StoreError> {
-    super::sqlite_vfs::register()?;
-    let conn = Connection::open_with_flags_and_vfs(
+    let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE
             | OpenFlags::SQLITE_OPEN_CREATE
             | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        super::sqlite_vfs::NAME,
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;

@@ -298,8 +298,7 @@ async fn kill_9_five_times_while_draining_a_backlog_loses_and_duplicates_nothing
         0,
         "nothing dead-lettered"
     );
-    // The database the killed process was writing (through subgate's WAL-gathering VFS) reads
-    // back whole with SQLite's own VFS.
+    // The database the killed process was writing reads back whole from another connection.
     let conn = rusqlite::Connection::open_with_flags(
         dir.join("subgate.db"),
         rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
@@ -364,4 +363,201 @@ async fn sigterm_mid_stream_exits_0_and_leaves_nothing_committed_unacked() {
     drop(second);
     assert_exactly_once(store, "t").await;
     broker.delete_queues(&queues.all()).await;
+}
+
+/// Rows in transaction `txn` of the crash writer, ~1 KB each. Every transaction spills SQLite's
+/// page cache (16 MB: ~3,870 pages) to the WAL before its commit, and rewrites at the commit a
+/// page it had spilled (its marker row, first written and updated last), so SQLite rewrites
+/// frame headers already in the WAL. Two of three stay under the 4,096 WAL frames past which the
+/// writer checkpoints (and so syncs the WAL) before `write` returns: at `synchronous = normal`
+/// nothing but the commit's own writes stands between the acknowledgement and the kill.
+fn crash_rows(txn: usize) -> usize {
+    if txn % 3 == 2 {
+        20_000
+    } else {
+        11_500
+    }
+}
+
+const CRASH_WRITER: &str = "SUBGATE_TEST_CRASH_WRITER";
+
+/// The child process of the `sqlite_kill_9_during_cache_spilling_commits_…` tests (this test
+/// binary run again, this test alone): through `SqliteStore::write`, transaction N writes
+/// `crash_rows(N)` new records and a marker record, N counting from `SUBGATE_TEST_CRASH_FIRST`;
+/// it prints `acked N` once the commit has returned, and goes on until killed. Does nothing
+/// without its environment.
+#[test]
+#[ignore = "the child process of the sqlite_kill_9 crash tests; runs only when they start it"]
+fn sqlite_crash_writer() {
+    let Ok(path) = std::env::var(CRASH_WRITER) else {
+        return;
+    };
+    let synchronous = match std::env::var("SUBGATE_TEST_CRASH_SYNC").as_deref() {
+        Ok("normal") => subgate::config::SqliteSynchronous::Normal,
+        _ => subgate::config::SqliteSynchronous::Full,
+    };
+    let first: usize = std::env::var("SUBGATE_TEST_CRASH_FIRST")
+        .expect("first transaction number")
+        .parse()
+        .expect("a number");
+    let store = subgate::store::sqlite::SqliteStore::open(Path::new(&path), synchronous)
+        .expect("the store opens");
+    store.migrate().expect("migrations");
+    let filler = "x".repeat(1_000);
+    // Bounded in case the parent never kills it.
+    for txn in first..first + 200 {
+        store
+            .write(&mut |tx| {
+                let rows = crash_rows(txn);
+                let marker = |rows: usize, version: i64| subgate::store::Record {
+                    kind: "crash.txn".into(),
+                    key: format!("{txn:06}"),
+                    doc: json!({ "rows": rows }),
+                    hash: format!("{rows:064x}"),
+                    occurred_at: None,
+                    changed_at: txn as i64,
+                    changed_by: txn as i64,
+                    seen_at: txn as i64,
+                    seen_by: txn as i64,
+                    version,
+                };
+                tx.put_record(&marker(0, 1))?;
+                for i in 0..rows {
+                    let key = format!("{txn:06}-{i:05}");
+                    tx.put_record(&subgate::store::Record {
+                        kind: "crash".into(),
+                        doc: json!({ "key": key, "filler": filler }),
+                        key,
+                        hash: format!("{txn:064x}"),
+                        occurred_at: None,
+                        changed_at: txn as i64,
+                        changed_by: txn as i64,
+                        seen_at: txn as i64,
+                        seen_by: txn as i64,
+                        version: 1,
+                    })?;
+                }
+                tx.put_record(&marker(rows, 2))?;
+                Ok(())
+            })
+            .expect("the transaction commits");
+        println!("acked {txn}");
+    }
+}
+
+/// `kill -9` five times, each at a random point, a process that commits cache-spilling
+/// transactions; then the database opens again with every acknowledged transaction whole
+/// (each transaction all there or not at all) and passes `PRAGMA integrity_check`.
+fn kill_9_during_cache_spilling_commits(synchronous: &str) {
+    let dir = temp_dir(&format!("crash-{synchronous}"));
+    let path = dir.join("crash.db");
+    let mut acked: Vec<usize> = vec![];
+    for round in 0..5usize {
+        let mut child = Command::new(std::env::current_exe().expect("the test binary"))
+            .args([
+                "--exact",
+                "resilience::sqlite_crash_writer",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CRASH_WRITER, &path)
+            .env("SUBGATE_TEST_CRASH_SYNC", synchronous)
+            .env("SUBGATE_TEST_CRASH_FIRST", (round * 1_000).to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("the crash writer starts");
+        let stdout = child.stdout.take().expect("piped");
+        let (tx, rx) = std::sync::mpsc::channel::<usize>();
+        let reader = std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // The first is on libtest's `test … ` line.
+                if let Some((_, n)) = line.rsplit_once("acked ") {
+                    let _ = tx.send(n.trim().parse().expect("a transaction number"));
+                }
+            }
+        });
+        let first = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("round {round}: no transaction acknowledged ({e})"));
+        acked.push(first);
+        // Anywhere in the next one or two transactions: building one, spilling, committing,
+        // checkpointing, or between two.
+        std::thread::sleep(Duration::from_millis(fastrand::u64(0..=1_500)));
+        child.kill().expect("SIGKILL");
+        let status = child.wait().expect("wait");
+        reader.join().expect("the reader thread");
+        acked.extend(rx.try_iter());
+        assert!(
+            status.code().is_none(),
+            "round {round}: the writer exited by itself ({status:?})"
+        );
+    }
+    assert!(acked.len() >= 5, "{acked:?}");
+
+    // Restart: the store opens (SQLite recovers the WAL), then a plain connection counts.
+    let store = subgate::store::sqlite::SqliteStore::open(
+        &path,
+        match synchronous {
+            "normal" => subgate::config::SqliteSynchronous::Normal,
+            _ => subgate::config::SqliteSynchronous::Full,
+        },
+    )
+    .expect("the store opens after the kills");
+    store.migrate().expect("migrations");
+    let last = format!("{:06}", acked[acked.len() - 1]);
+    assert!(
+        store
+            .get_record("crash.txn", &last)
+            .expect("read")
+            .is_some(),
+        "the last acknowledged transaction's marker ({last}) reads back"
+    );
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).expect("the database");
+    let counts: std::collections::BTreeMap<usize, usize> = conn
+        .prepare("SELECT substr(key, 1, 6), count(*) FROM records WHERE kind = 'crash' GROUP BY 1")
+        .unwrap()
+        .query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?.parse::<usize>().unwrap(),
+                r.get::<_, usize>(1)?,
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let lost: Vec<(usize, usize)> = acked
+        .iter()
+        .map(|t| (*t, counts.get(t).copied().unwrap_or(0)))
+        .filter(|(t, n)| *n != crash_rows(*t))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "acknowledged transactions not whole (transaction, rows): {lost:?}; acknowledged {acked:?}"
+    );
+    let partial: Vec<_> = counts
+        .iter()
+        .filter(|(t, n)| **n != crash_rows(**t))
+        .collect();
+    assert!(partial.is_empty(), "transactions in part: {partial:?}");
+    let check: String = conn
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+    drop(conn);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn sqlite_kill_9_during_cache_spilling_commits_loses_nothing_acknowledged_at_synchronous_full() {
+    kill_9_during_cache_spilling_commits("full");
+}
+
+#[test]
+fn sqlite_kill_9_during_cache_spilling_commits_loses_nothing_acknowledged_at_synchronous_normal() {
+    kill_9_during_cache_spilling_commits("normal");
 }
