@@ -1,5 +1,5 @@
-//! The command line: `serve`, `migrate`, `config print|check`, `deliveries list|replay`,
-//! `dead-letters list|replay`, `--version`.
+//! The command line: `serve`, `migrate`, `config print|check`, `unsubscribe-link`,
+//! `deliveries list|replay`, `dead-letters list|replay`, `--version`.
 
 use std::{io::Write, path::PathBuf, process::ExitCode};
 

@@ -6,7 +6,7 @@ use clap::Parser;
 
 // mimalloc: the ingest writer and the decoders allocate and free many small JSON values per
 // event; against glibc's allocator it measured +8-24 % events/s (listener, AMQP, subscribe-user)
-// for ~10-20 MB more resident memory (README, "Benchmarks").
+// for ~10-20 MB more resident memory (docs/benchmarks.md, "Allocator").
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

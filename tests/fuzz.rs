@@ -1,7 +1,7 @@
 //! Property-based fuzz targets (issue 19, point 6): every decoder (ERP, Akinon, Loymax,
 //! listener) and the configuration loader, fed (a) arbitrary bytes and (b) structure-aware
 //! inputs: JSON documents built from the contracts' field names with values of any type, and
-//! mutations of the real sample payloads (`tests/fixtures/`, copied from `../shared/seeds/`).
+//! mutations of the real sample payloads (`tests/fixtures/`, copied from the contracts in `docs/contracts/`).
 //!
 //! Each target asserts that the decoder does not panic and that it either accepts the input or
 //! rejects it with a *clear* error: a code from the documented list, and a non-empty message that

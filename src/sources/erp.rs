@@ -1,4 +1,4 @@
-//! ERP push notifications (`../shared/seeds/000_…`): customer and subscription snapshots on two
+//! ERP push notifications (`docs/contracts/erp-rabbitmq.md`): customer and subscription snapshots on two
 //! queues, decoded defensively (unknown properties kept, odd values flagged, never rejected for
 //! what the document calls forward-compatible).
 

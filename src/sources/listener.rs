@@ -1,4 +1,4 @@
-//! The ONAP/TMF service-order listener (`../shared/seeds/004_…`): the hub (ONAP NBI) posts one
+//! The ONAP/TMF service-order listener (`docs/contracts/onap-listener.md`): the hub (ONAP NBI) posts one
 //! `Listener` notification per service-order event, once, asynchronously, with a fresh random
 //! `eventId` every time; an item-state change carries only the changed item.
 //!

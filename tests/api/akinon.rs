@@ -1,4 +1,4 @@
-//! The Akinon Extension Subscription Gateway (`shared/seeds/002_…`), end to end over HTTP.
+//! The Akinon Extension Subscription Gateway (`docs/contracts/akinon-extension-subscription-gateway.md`), end to end over HTTP.
 
 use reqwest::{header, RequestBuilder, Response};
 use serde_json::{json, Value};

@@ -1,4 +1,4 @@
-//! Akinon Commerce, "Extension Subscription Gateway" (`../shared/seeds/002_…`): the three POST
+//! Akinon Commerce, "Extension Subscription Gateway" (`docs/contracts/akinon-extension-subscription-gateway.md`): the three POST
 //! endpoints decoded into envelopes, and how each projects (user and order snapshots, the
 //! consent ledger). The HTTP side (auth, headers, error dialect, `unsubscribed-users`) is
 //! [`crate::http::akinon`].

@@ -1,4 +1,4 @@
-//! Loymax loyalty events (`../shared/seeds/003_…`): the member events the Loymax platform
+//! Loymax loyalty events (`docs/contracts/loymax-smart-communications.md`): the member events the Loymax platform
 //! routes to Smart Communications through a topic exchange into `smc.customerEvents`.
 //!
 //! - [`json`]: the lenient body reader (the document's merge example has a trailing comma);
