@@ -855,8 +855,9 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_failing_event_is_rejected_alone_and_the_rest_of_its_batch_commits() {
+    /// A migrated SQLite store in its own directory, and settings whose batch wait is long
+    /// enough that a test's three events share one batch.
+    fn store_and_settings() -> (Arc<dyn Store>, IngestSettings) {
         let dir = std::env::temp_dir().join(format!("subgate-ingest-{}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let store: Arc<dyn Store> =
@@ -864,13 +865,18 @@ mod tests {
         store.migrate().unwrap();
         let settings = IngestSettings {
             batch_max: 64,
-            // Long enough that the three events share one batch.
             batch_wait_ms: 200,
             queue_capacity: 16,
             max_message_bytes: 1024,
             store_retry_ms: 10,
             store_retry_max_ms: 100,
         };
+        (store, settings)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_event_is_rejected_alone_and_the_rest_of_its_batch_commits() {
+        let (store, settings) = store_and_settings();
         let (ingest, writer) = start(store.clone(), &settings, tokio::runtime::Handle::current());
         let replies = vec![
             ingest.enqueue(envelope("a", false)).await.unwrap(),
@@ -910,19 +916,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_event_that_panics_is_rejected_alone_and_its_batch_commits_without_it() {
-        let dir = std::env::temp_dir().join(format!("subgate-ingest-{}", fastrand::u64(..)));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store: Arc<dyn Store> =
-            Arc::new(SqliteStore::open(&dir.join("i.db"), SqliteSynchronous::Normal).unwrap());
-        store.migrate().unwrap();
-        let settings = IngestSettings {
-            batch_max: 64,
-            batch_wait_ms: 200,
-            queue_capacity: 16,
-            max_message_bytes: 1024,
-            store_retry_ms: 10,
-            store_retry_max_ms: 100,
-        };
+        let (store, settings) = store_and_settings();
         let (ingest, writer) = start(store.clone(), &settings, tokio::runtime::Handle::current());
         let replies = vec![
             ingest.enqueue_held(envelope("a", false)).await.unwrap(),

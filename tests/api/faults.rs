@@ -91,6 +91,42 @@ async fn assert_stored_exactly_once(store: Arc<dyn Store>, prefix: &str, good: u
     );
 }
 
+/// The end of every case: each good message stored exactly once, each bad one dead-lettered as
+/// `not_json` with subgate's reason, nothing else; then the queues are deleted. The store is
+/// dropped off the runtime (a PostgreSQL client must not be).
+async fn assert_final_counts(
+    store: Arc<dyn Store>,
+    broker: &Broker,
+    queues: &ErpQueues,
+    prefix: &str,
+    good: usize,
+    bad: usize,
+) {
+    assert_stored_exactly_once(store.clone(), prefix, good).await;
+    tokio::task::spawn_blocking(move || drop(store))
+        .await
+        .unwrap();
+    let dead = drain_dead_letters(broker, &format!("{}.dead", queues.customers)).await;
+    assert_eq!(
+        dead,
+        vec!["not_json".to_owned(); bad],
+        "only the bad messages"
+    );
+    broker.delete_queues(&queues.all()).await;
+}
+
+/// Open a store of `settings` off the runtime.
+async fn open_store_off_runtime(
+    settings: subgate::config::Settings,
+    migrate: bool,
+) -> Arc<dyn Store> {
+    tokio::task::spawn_blocking(move || {
+        subgate::startup::open_store(&settings, migrate).expect("store")
+    })
+    .await
+    .unwrap()
+}
+
 /// Drain a dead-letter queue; every message must carry subgate's reason (none the broker's own
 /// `delivery_limit`). Returns the reason codes.
 async fn drain_dead_letters(broker: &Broker, queue: &str) -> Vec<String> {
@@ -293,14 +329,7 @@ async fn a_full_disk_for_30_s_dead_letters_nothing_and_subgate_resumes_by_itself
         1.0
     );
     drop(gateway);
-    assert_stored_exactly_once(store, "full", GOOD).await;
-    let dead = drain_dead_letters(&broker, &format!("{}.dead", queues.customers)).await;
-    assert_eq!(
-        dead,
-        vec!["not_json".to_owned(); BAD],
-        "only the bad messages"
-    );
-    broker.delete_queues(&queues.all()).await;
+    assert_final_counts(store, &broker, &queues, "full", GOOD, BAD).await;
 }
 
 /// A TCP proxy in front of PostgreSQL that can be cut (connections dropped, new ones refused)
@@ -395,11 +424,7 @@ async fn postgres_unreachable_for_a_while_dead_letters_nothing_and_readyz_says_w
         })
         .collect();
     let settings = test_settings(&dir, &direct_overrides);
-    let store = tokio::task::spawn_blocking(move || {
-        subgate::startup::open_store(&settings, true).expect("store")
-    })
-    .await
-    .unwrap();
+    let store = open_store_off_runtime(settings, true).await;
 
     proxy.cut().await;
     let broker = Broker::connect().await;
@@ -446,17 +471,7 @@ async fn postgres_unreachable_for_a_while_dead_letters_nothing_and_readyz_says_w
     })
     .await;
     drop(gateway);
-    assert_stored_exactly_once(store.clone(), "pgout", GOOD).await;
-    tokio::task::spawn_blocking(move || drop(store))
-        .await
-        .unwrap();
-    let dead = drain_dead_letters(&broker, &format!("{}.dead", queues.customers)).await;
-    assert_eq!(
-        dead,
-        vec!["not_json".to_owned(); BAD],
-        "only the bad messages"
-    );
-    broker.delete_queues(&queues.all()).await;
+    assert_final_counts(store, &broker, &queues, "pgout", GOOD, BAD).await;
 }
 
 #[tokio::test]
@@ -478,11 +493,7 @@ async fn postgres_backends_terminated_five_times_under_two_instances_lose_and_du
     ]);
     let dir = temp_dir("pg-terminate");
     let settings = test_settings(&dir, &overrides);
-    let store = tokio::task::spawn_blocking(move || {
-        subgate::startup::open_store(&settings, true).expect("store")
-    })
-    .await
-    .unwrap();
+    let store = open_store_off_runtime(settings, true).await;
     let instances = [
         Subgate::start(&dir, &overrides),
         Subgate::start(&dir, &overrides),
@@ -539,22 +550,8 @@ async fn postgres_backends_terminated_five_times_under_two_instances_lose_and_du
         .await
         .unwrap();
     let settings = test_settings(&dir, &overrides);
-    let store = tokio::task::spawn_blocking(move || {
-        subgate::startup::open_store(&settings, false).expect("store")
-    })
-    .await
-    .unwrap();
-    assert_stored_exactly_once(store.clone(), "pgt", GOOD).await;
-    tokio::task::spawn_blocking(move || drop(store))
-        .await
-        .unwrap();
-    let dead = drain_dead_letters(&broker, &format!("{}.dead", queues.customers)).await;
-    assert_eq!(
-        dead,
-        vec!["not_json".to_owned(); BAD],
-        "only the bad messages"
-    );
-    broker.delete_queues(&queues.all()).await;
+    let store = open_store_off_runtime(settings, false).await;
+    assert_final_counts(store, &broker, &queues, "pgt", GOOD, BAD).await;
 }
 
 #[tokio::test]
