@@ -170,7 +170,7 @@ pub fn message_id(properties: &BasicProperties, body: &[u8]) -> String {
 /// `sha256:` and the first 16 hex digits of the body's SHA-256.
 pub fn content_id(body: &[u8]) -> String {
     let digest = Sha256::digest(body);
-    format!("sha256:{}", crate::hex::encode(&digest[..8]))
+    format!("sha256:{}", hex::encode(&digest[..8]))
 }
 
 fn header<'a>(headers: Option<&'a FieldTable>, name: &str) -> Option<&'a FieldValue> {

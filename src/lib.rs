@@ -21,7 +21,6 @@ pub mod dead_letters;
 pub mod delivery;
 pub mod envelope;
 pub mod health;
-pub mod hex;
 pub mod http;
 pub mod ingest;
 pub mod openapi;

@@ -36,8 +36,7 @@ const TOKEN_MARGIN: Duration = Duration::from_secs(60);
 
 /// The `X-WSSE` header value.
 pub fn wsse_header(user: &str, secret: &str, nonce: &str, created: &str) -> String {
-    let hex_digest =
-        crate::hex::encode(Sha1::digest(format!("{nonce}{created}{secret}").as_bytes()));
+    let hex_digest = hex::encode(Sha1::digest(format!("{nonce}{created}{secret}").as_bytes()));
     let digest = base64::engine::general_purpose::STANDARD.encode(hex_digest);
     format!(
         "UsernameToken Username=\"{user}\", PasswordDigest=\"{digest}\", Nonce=\"{nonce}\", Created=\"{created}\""
@@ -416,8 +415,7 @@ mod tests {
             "d36e3162829ed4c8",
             "2024-01-02T03:04:05Z",
         );
-        let hex_digest =
-            crate::hex::encode(Sha1::digest(b"d36e3162829ed4c82024-01-02T03:04:05Zs3cret"));
+        let hex_digest = hex::encode(Sha1::digest(b"d36e3162829ed4c82024-01-02T03:04:05Zs3cret"));
         let digest = base64::engine::general_purpose::STANDARD.encode(hex_digest);
         assert_eq!(
             header,

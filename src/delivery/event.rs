@@ -112,7 +112,7 @@ fn uuid_v7(unix_ms: i64) -> String {
     bytes[..6].copy_from_slice(&ms[2..]);
     bytes[6] = 0x70 | (bytes[6] & 0x0f);
     bytes[8] = 0x80 | (bytes[8] & 0x3f);
-    let hex = crate::hex::encode(bytes);
+    let hex = hex::encode(bytes);
     format!(
         "{}-{}-{}-{}-{}",
         &hex[..8],

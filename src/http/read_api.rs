@@ -115,7 +115,7 @@ async fn inbox_event(
         })?;
     let raw = match std::str::from_utf8(&event.raw) {
         Ok(text) => json!({ "encoding": "utf-8", "text": text }),
-        Err(_) => json!({ "encoding": "hex", "text": crate::hex::encode(&event.raw) }),
+        Err(_) => json!({ "encoding": "hex", "text": hex::encode(&event.raw) }),
     };
     Ok(Json(json!({
         "id": event.id,

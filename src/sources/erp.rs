@@ -65,7 +65,7 @@ impl Decoder for ErpDecoder {
             None => (
                 format!(
                     "erp:{kind}:{entity}:{}",
-                    crate::hex::encode(Sha256::digest(message.body))
+                    hex::encode(Sha256::digest(message.body))
                 ),
                 true,
             ),

@@ -542,5 +542,5 @@ pub fn content_hash(doc: &Value) -> String {
 /// Hex SHA-256 of serialised bytes.
 pub fn hash_bytes(bytes: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    crate::hex::encode(Sha256::digest(bytes))
+    hex::encode(Sha256::digest(bytes))
 }

@@ -99,7 +99,7 @@ pub fn decode(
         "akinon:{}:{}:{}",
         endpoint.name(),
         call.request_id,
-        crate::hex::encode(Sha256::digest(&body))
+        hex::encode(Sha256::digest(&body))
     );
     Ok(Envelope {
         source: SOURCE,

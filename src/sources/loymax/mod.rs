@@ -169,7 +169,7 @@ fn dedupe_key(
     hash.update([0]);
     hash.update(message.body);
     (
-        format!("loymax:sha256:{}", crate::hex::encode(hash.finalize())),
+        format!("loymax:sha256:{}", hex::encode(hash.finalize())),
         true,
     )
 }
