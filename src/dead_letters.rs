@@ -22,19 +22,23 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use amqprs::{
-    callbacks::{ChannelCallback, DefaultConnectionCallback},
+    callbacks::DefaultConnectionCallback,
     channel::{
         BasicAckArguments, BasicGetArguments, BasicNackArguments, BasicPublishArguments, Channel,
         ConfirmSelectArguments, QueueDeclareArguments,
     },
     connection::{Connection, OpenConnectionArguments},
-    Ack, BasicProperties, Cancel, CloseChannel, FieldName, FieldTable, FieldValue, Nack, Return,
+    BasicProperties, FieldName, FieldTable, FieldValue,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use crate::{config::Settings, sources::amqp::BrokerAddress};
+use crate::{
+    config::Settings,
+    confirms::{Confirm, Confirms},
+    sources::amqp::BrokerAddress,
+};
 
 /// How long connecting, and each wait for a publisher confirm, may take.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -324,61 +328,6 @@ pub async fn replay(
     result
 }
 
-/// What the broker said about the replay's publishes.
-#[derive(Debug)]
-enum Confirm {
-    Ack {
-        tag: u64,
-        multiple: bool,
-    },
-    Nack {
-        tag: u64,
-        multiple: bool,
-    },
-    /// Unroutable (mandatory); its ack follows.
-    Returned(String),
-    Closed(String),
-}
-
-struct Confirms(mpsc::UnboundedSender<Confirm>);
-
-#[async_trait::async_trait]
-impl ChannelCallback for Confirms {
-    async fn close(
-        &mut self,
-        _: &Channel,
-        close: CloseChannel,
-    ) -> Result<(), amqprs::error::Error> {
-        let _ = self.0.send(Confirm::Closed(close.to_string()));
-        Ok(())
-    }
-    async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
-        Ok(())
-    }
-    async fn flow(&mut self, _: &Channel, active: bool) -> Result<bool, amqprs::error::Error> {
-        Ok(active)
-    }
-    async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
-        let _ = self.0.send(Confirm::Ack {
-            tag: ack.delivery_tag(),
-            multiple: ack.mutiple(),
-        });
-    }
-    async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
-        let _ = self.0.send(Confirm::Nack {
-            tag: nack.delivery_tag(),
-            multiple: nack.multiple(),
-        });
-    }
-    async fn publish_return(&mut self, _: &Channel, ret: Return, _: BasicProperties, _: Vec<u8>) {
-        let _ = self.0.send(Confirm::Returned(format!(
-            "{} {}",
-            ret.reply_code(),
-            ret.reply_text()
-        )));
-    }
-}
-
 fn broker(what: &str) -> impl Fn(amqprs::error::Error) -> DeadLetterError + '_ {
     move |e| DeadLetterError::Broker(format!("{what}: {e}"))
 }
@@ -643,7 +592,7 @@ async fn wait_for_confirm(
                     "publishing channel closed by the broker: {reason}"
                 )))
             }
-            Ok(Some(Confirm::Returned(reason))) => returned = Some(reason),
+            Ok(Some(Confirm::Returned { reason, .. })) => returned = Some(reason),
             Ok(Some(Confirm::Nack { tag: t, multiple })) if covers(t, multiple) => {
                 return Err(DeadLetterError::Broker(
                     "the broker nacked the publish".into(),

@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod confirms;
 pub mod consent;
 pub mod dead_letters;
 pub mod delivery;

@@ -6,87 +6,19 @@
 use std::{collections::HashMap, time::Duration};
 
 use amqprs::{
-    callbacks::{ChannelCallback, DefaultConnectionCallback},
+    callbacks::DefaultConnectionCallback,
     channel::{BasicPublishArguments, Channel, ConfirmSelectArguments, ExchangeDeclareArguments},
     connection::{Connection, OpenConnectionArguments},
-    Ack, BasicProperties, Cancel, CloseChannel, FieldTable, FieldValue, Nack, Return,
+    BasicProperties, FieldTable, FieldValue,
 };
 use tokio::sync::mpsc;
 
 use super::{event::payload_event_id, retry::Verdict, worker::SendResult, Budget};
-use crate::{sources::amqp::BrokerAddress, store::OutboxRow};
-
-/// What the broker said about published messages.
-#[derive(Debug)]
-enum Confirm {
-    Ack {
-        tag: u64,
-        multiple: bool,
-    },
-    Nack {
-        tag: u64,
-        multiple: bool,
-    },
-    /// Unroutable (mandatory); the ack for it follows.
-    Returned {
-        message_id: String,
-        reason: String,
-    },
-    Closed(String),
-}
-
-/// Forwards the channel's confirms to the publisher.
-struct Confirms(mpsc::UnboundedSender<Confirm>);
-
-#[async_trait::async_trait]
-impl ChannelCallback for Confirms {
-    async fn close(
-        &mut self,
-        _channel: &Channel,
-        close: CloseChannel,
-    ) -> Result<(), amqprs::error::Error> {
-        let _ = self.0.send(Confirm::Closed(close.to_string()));
-        Ok(())
-    }
-    async fn cancel(
-        &mut self,
-        _channel: &Channel,
-        _cancel: Cancel,
-    ) -> Result<(), amqprs::error::Error> {
-        Ok(())
-    }
-    async fn flow(
-        &mut self,
-        _channel: &Channel,
-        active: bool,
-    ) -> Result<bool, amqprs::error::Error> {
-        Ok(active)
-    }
-    async fn publish_ack(&mut self, _channel: &Channel, ack: Ack) {
-        let _ = self.0.send(Confirm::Ack {
-            tag: ack.delivery_tag(),
-            multiple: ack.mutiple(),
-        });
-    }
-    async fn publish_nack(&mut self, _channel: &Channel, nack: Nack) {
-        let _ = self.0.send(Confirm::Nack {
-            tag: nack.delivery_tag(),
-            multiple: nack.multiple(),
-        });
-    }
-    async fn publish_return(
-        &mut self,
-        _channel: &Channel,
-        ret: Return,
-        properties: BasicProperties,
-        _content: Vec<u8>,
-    ) {
-        let _ = self.0.send(Confirm::Returned {
-            message_id: properties.message_id().cloned().unwrap_or_default(),
-            reason: format!("{} {}", ret.reply_code(), ret.reply_text()),
-        });
-    }
-}
+use crate::{
+    confirms::{Confirm, Confirms},
+    sources::amqp::BrokerAddress,
+    store::OutboxRow,
+};
 
 struct Session {
     connection: Connection,

@@ -667,8 +667,7 @@ fn verify_wsse(header: &str) {
     assert!(header.starts_with("UsernameToken "), "{header}");
     assert_eq!(field("Username"), "company001");
     let (nonce, created) = (field("Nonce"), field("Created"));
-    let hex_digest =
-        hex::encode(sha1::Sha1::digest(format!("{nonce}{created}api-s3cret")));
+    let hex_digest = hex::encode(sha1::Sha1::digest(format!("{nonce}{created}api-s3cret")));
     assert_eq!(
         field("PasswordDigest"),
         base64::engine::general_purpose::STANDARD.encode(hex_digest)
