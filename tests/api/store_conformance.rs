@@ -1777,25 +1777,35 @@ fn sqlite_new_records_cost_about_one_wal_page_each() {
 
 /// The migration that moves records into a rowid table keeps every record, and the store goes on
 /// updating them in place.
+/// A SQLite database at `path` with the first `version` migrations applied, as an older subgate
+/// left it.
+fn sqlite_at_version(path: &std::path::Path, version: usize) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);",
+    )
+    .unwrap();
+    for (i, sql) in subgate::store::sqlite::MIGRATIONS[..version]
+        .iter()
+        .enumerate()
+    {
+        conn.execute_batch(sql).unwrap();
+        conn.execute(
+            "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
+            [i as i64 + 1],
+        )
+        .unwrap();
+    }
+    conn
+}
+
 #[test]
 fn sqlite_records_written_before_the_rowid_migration_survive_it() {
     let dir = temp_dir("records-migration");
     let path = dir.join("s.db");
     {
-        let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch(
-            "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);",
-        )
-        .unwrap();
         // Version 4: every migration before the records one.
-        for (version, sql) in subgate::store::sqlite::MIGRATIONS[..4].iter().enumerate() {
-            conn.execute_batch(sql).unwrap();
-            conn.execute(
-                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
-                [version as i64 + 1],
-            )
-            .unwrap();
-        }
+        let conn = sqlite_at_version(&path, 4);
         for (key, by) in [("b", 2), ("a", 1)] {
             conn.execute(
                 "INSERT INTO records (kind, key, doc, hash, occurred_at, changed_at, changed_by, seen_at, seen_by, version)
@@ -2015,19 +2025,7 @@ fn outbox_rows_written_before_the_record_keys_get_record_and_contact_keys(backen
     let store = match backend {
         Backend::Sqlite => {
             let path = temp_dir("outbox-keys").join("s.db");
-            let conn = rusqlite::Connection::open(&path).unwrap();
-            conn.execute_batch(
-                "CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL);",
-            )
-            .unwrap();
-            for (version, sql) in subgate::store::sqlite::MIGRATIONS[..5].iter().enumerate() {
-                conn.execute_batch(sql).unwrap();
-                conn.execute(
-                    "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, 0)",
-                    [version as i64 + 1],
-                )
-                .unwrap();
-            }
+            let conn = sqlite_at_version(&path, 5);
             conn.execute(
                 "INSERT INTO outbox_payloads (id, payload) VALUES (1, ?1)",
                 [payload],
