@@ -48,25 +48,39 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     bool::from(a.ct_eq(b))
 }
 
-/// A configured secret string that never prints.
-#[derive(Clone, serde::Deserialize, serde::Serialize)]
-#[serde(transparent)]
-pub struct Secret(String);
+/// A configured secret string that never prints: held in a `secrecy::SecretString` (zeroed when
+/// dropped, `***` in `Debug`). It serialises as itself only for the redacted copy `config print`
+/// renders (see [`Secret::redacted`]).
+#[derive(Clone, Default)]
+pub struct Secret(secrecy::SecretString);
 
 impl Secret {
     pub fn new(s: impl Into<String>) -> Self {
-        Secret(s.into())
+        Secret(secrecy::SecretString::from(s.into()))
     }
     pub fn expose(&self) -> &str {
-        &self.0
+        use secrecy::ExposeSecret;
+        self.0.expose_secret()
     }
     /// `***` when set, empty when not: for `config print`.
     pub fn redacted(&self) -> Secret {
-        if self.0.is_empty() {
-            Secret(String::new())
+        if self.expose().is_empty() {
+            Secret::new("")
         } else {
-            Secret("***".into())
+            Secret::new("***")
         }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        secrecy::SecretString::deserialize(deserializer).map(Secret)
+    }
+}
+
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.expose())
     }
 }
 
