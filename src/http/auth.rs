@@ -74,7 +74,51 @@ impl Secret {
 
 impl<'de> serde::Deserialize<'de> for Secret {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        secrecy::SecretString::deserialize(deserializer).map(Secret)
+        deserializer.deserialize_any(SecretVisitor)
+    }
+}
+
+/// Reads a secret; a value of the wrong type is refused without being quoted (serde's own
+/// message would print it: "invalid type: integer `123…`").
+struct SecretVisitor;
+
+impl SecretVisitor {
+    fn refuse<E: serde::de::Error>(kind: &str) -> Result<Secret, E> {
+        Err(E::custom(format!(
+            "expected a string, found {kind} (the value is a secret and is not shown)"
+        )))
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for SecretVisitor {
+    type Value = Secret;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Secret, E> {
+        Ok(Secret::new(v))
+    }
+    fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Secret, E> {
+        Ok(Secret::new(v))
+    }
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Secret, E> {
+        Self::refuse("a boolean")
+    }
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Secret, E> {
+        Self::refuse("an integer")
+    }
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Secret, E> {
+        Self::refuse("an integer")
+    }
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Secret, E> {
+        Self::refuse("a number")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+        Self::refuse("an array")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Secret, A::Error> {
+        Self::refuse("a table")
     }
 }
 
@@ -93,6 +137,25 @@ impl std::fmt::Debug for Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_secret_of_the_wrong_type_is_refused_without_showing_it() {
+        #[derive(serde::Deserialize)]
+        struct Admin {
+            #[allow(dead_code)]
+            token: Secret,
+        }
+        // `message()`: what the configuration loader reports (without toml's source snippet).
+        let err = toml::from_str::<Admin>("token = 987654321")
+            .err()
+            .expect("an integer is not a secret")
+            .message()
+            .to_owned();
+        assert!(err.contains("expected a string, found an integer"), "{err}");
+        assert!(!err.contains("987654321"), "the value is not shown: {err}");
+        let ok: Admin = toml::from_str("token = \"s3cret\"").unwrap();
+        assert_eq!(ok.token.expose(), "s3cret");
+    }
 
     #[test]
     fn basic_and_bearer_headers_parse() {
