@@ -318,7 +318,7 @@ pub fn outage_reason(e: &StoreError) -> &'static str {
         "broken pipe",
         "reset",
         "timed out",
-        "08",
+        ": 08", // SQLSTATE class 08 (connection exception), after "store unavailable: "
     ]) {
         "connection lost"
     } else {

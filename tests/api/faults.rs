@@ -91,6 +91,27 @@ async fn assert_stored_exactly_once(store: Arc<dyn Store>, prefix: &str, good: u
     );
 }
 
+/// Wait until every good message is stored, the queue is empty and the gateway is ready again.
+async fn drained_and_ready(
+    store: &Arc<dyn Store>,
+    broker: &Broker,
+    queues: &ErpQueues,
+    good: usize,
+    client: &reqwest::Client,
+    gateway: &Subgate,
+) {
+    eventually(120, "the whole backlog stored", || async {
+        (erp_events(store.clone()).await >= good as i64
+            && broker.message_count(&queues.customers).await == 0)
+            .then_some(())
+    })
+    .await;
+    eventually(30, "ready again", || async {
+        (readyz(client, gateway).await.0 == 200).then_some(())
+    })
+    .await;
+}
+
 /// The end of every case: each good message stored exactly once, each bad one dead-lettered as
 /// `not_json` with subgate's reason, nothing else; then the queues are deleted. The store is
 /// dropped off the runtime (a PostgreSQL client must not be).
@@ -329,16 +350,7 @@ async fn a_full_disk_for_30_s_dead_letters_nothing_and_subgate_resumes_by_itself
     );
 
     std::fs::remove_file(&filler).expect("free the space");
-    eventually(120, "the whole backlog stored", || async {
-        (erp_events(store.clone()).await >= GOOD as i64
-            && broker.message_count(&queues.customers).await == 0)
-            .then_some(())
-    })
-    .await;
-    eventually(30, "ready again", || async {
-        (readyz(&client, &gateway).await.0 == 200).then_some(())
-    })
-    .await;
+    drained_and_ready(&store, &broker, &queues, GOOD, &client, &gateway).await;
     assert_eq!(
         metric(&client, &gateway, "subgate_store_writable").await,
         1.0
@@ -475,16 +487,7 @@ async fn postgres_unreachable_for_a_while_dead_letters_nothing_and_readyz_says_w
     );
 
     proxy.restore().await;
-    eventually(120, "the whole backlog stored", || async {
-        (erp_events(store.clone()).await >= GOOD as i64
-            && broker.message_count(&queues.customers).await == 0)
-            .then_some(())
-    })
-    .await;
-    eventually(30, "ready again", || async {
-        (readyz(&client, &gateway).await.0 == 200).then_some(())
-    })
-    .await;
+    drained_and_ready(&store, &broker, &queues, GOOD, &client, &gateway).await;
     drop(gateway);
     assert_final_counts(store, &broker, &queues, "pgout", GOOD, BAD).await;
 }
